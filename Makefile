@@ -1,0 +1,28 @@
+# Every target creates its own virtual environment on first use, so a fresh clone needs nothing but python3.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch and torchvision are pinned as a matching pair (PyPI's Linux build runs on CPU and CUDA alike).
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+# Tests, the demo and the benchmark never reach the Hugging Face Hub.
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+.PHONY: venv demo test bench reproduce clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: venv
+	$(OFFLINE) $(PY) -m evalkit run experiment=demo
+
+test: venv
+	$(OFFLINE) $(PY) -m pytest -q
+
+clean:
+	rm -rf runs outputs multirun reports/demo

@@ -1,0 +1,81 @@
+"""Load the diffusion pipeline a model config names: a hub checkpoint at a pinned revision, or the tiny build."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+)
+
+from evalkit.errors import ConfigError, MissingWeightsError
+from evalkit.models.tiny import build_tiny_pipeline
+
+# The schedulers the papers ran; each is built from the checkpoint's own scheduler config.
+SCHEDULERS = {
+    "pndm": PNDMScheduler,
+    "ddim": DDIMScheduler,
+    "dpm_solver": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(model_cfg: Mapping[str, Any], device: torch.device) -> torch.dtype:
+    """The config's dtype on a GPU; float32 on a CPU, where half precision is slow or unsupported."""
+    if model_cfg["dtype"] not in DTYPES:
+        raise ConfigError(f"model {model_cfg['name']}: unknown dtype {model_cfg['dtype']!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[model_cfg["dtype"]] if device.type == "cuda" else torch.float32
+
+
+def _load_hub_pipeline(model_cfg: Mapping[str, Any], dtype: torch.dtype) -> StableDiffusionPipeline:
+    hub_id, revision = model_cfg["hub_id"], model_cfg["revision"]
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            hub_id,
+            revision=revision,
+            torch_dtype=dtype,
+            use_safetensors=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except OSError as error:  # huggingface_hub raises OSError subclasses for missing files and no network
+        raise MissingWeightsError(
+            f"model {model_cfg['name']}: weights for {hub_id}@{revision} are not in the local Hugging Face cache "
+            f"and cannot be downloaded here; on a machine with network run "
+            f"`hf download {hub_id} --revision {revision}` and copy the cache (HF_HOME) here ({type(error).__name__})"
+        ) from None
+
+
+def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
+    if name not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)}")
+    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+
+
+def load_pipeline(model_cfg: Mapping[str, Any], device: torch.device, scheduler: str | None = None) -> StableDiffusionPipeline:
+    """The pipeline for `model_cfg` on `device`, with `scheduler` (default: the model config's)."""
+    dtype = resolve_dtype(model_cfg, device)
+    if model_cfg["kind"] == "tiny":
+        pipe = build_tiny_pipeline(model_cfg)
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
+    elif model_cfg["kind"] == "hub":
+        pipe = _load_hub_pipeline(model_cfg, dtype)
+    else:
+        raise ConfigError(f"model {model_cfg['name']}: unknown kind {model_cfg['kind']!r} (hub or tiny)")
+    set_scheduler(pipe, scheduler or model_cfg["scheduler"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,168 @@
+"""Attention processors through which methods read or edit attention.
+
+`ExplicitAttnProcessor` is diffusers' plain attention with the scores computed explicitly (as
+`Attention.get_attention_scores` does), so that a hook can edit the logits before the softmax and read or edit
+the probabilities after it. Only the layers a method needs get it; every other layer keeps PyTorch's fused
+attention.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Protocol
+
+import torch
+from diffusers.models.attention_processor import Attention
+
+
+class AttentionHook(Protocol):
+    """What a method implements to see inside attention. `layer` is the module name, e.g.
+    `up_blocks.1.attentions.0.transformer_blocks.0.attn2`; tensors are (batch * heads, queries, keys)."""
+
+    def edit_logits(self, layer: str, logits: torch.Tensor, is_cross: bool) -> torch.Tensor: ...
+
+    def edit_probs(self, layer: str, probs: torch.Tensor, is_cross: bool) -> torch.Tensor: ...
+
+
+class ExplicitAttnProcessor:
+    def __init__(self, layer: str, hook: AttentionHook):
+        self.layer = layer
+        self.hook = hook
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        is_cross = encoder_hidden_states is not None
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        query = attn.head_to_batch_dim(query)
+        key = attn.head_to_batch_dim(key)
+        value = attn.head_to_batch_dim(value)
+
+        dtype = query.dtype
+        if attn.upcast_attention:
+            query, key = query.float(), key.float()
+        if attention_mask is None:
+            logits = torch.baddbmm(
+                torch.empty(query.shape[0], query.shape[1], key.shape[1], dtype=query.dtype, device=query.device),
+                query, key.transpose(-1, -2), beta=0, alpha=attn.scale,
+            )
+        else:
+            logits = torch.baddbmm(attention_mask, query, key.transpose(-1, -2), beta=1, alpha=attn.scale)
+        if attn.upcast_softmax:
+            logits = logits.float()
+        logits = self.hook.edit_logits(self.layer, logits, is_cross)
+        probs = logits.softmax(dim=-1).to(dtype)
+        probs = self.hook.edit_probs(self.layer, probs, is_cross)
+
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^mid_block\.")
+
+
+def layer_downsampling(unet, layer: str) -> int:
+    """How many times smaller than the latent this attention layer's feature map is (1, 2, 4, 8 for SD)."""
+    levels = len(unet.config.block_out_channels)
+    match = _BLOCK.match(layer)
+    if match is None:
+        raise ValueError(f"not a UNet attention layer: {layer}")
+    if match.group(1) == "down_blocks":
+        return 2 ** int(match.group(2))
+    if match.group(1) == "up_blocks":
+        return 2 ** (levels - 1 - int(match.group(2)))
+    return 2 ** (levels - 1)
+
+
+def attention_layers(unet, cross: bool | None = None) -> list[str]:
+    """Names of the UNet's attention modules in forward order; `cross` keeps only attn2 (True) or attn1 (False)."""
+    names = [key[: -len(".processor")] for key in unet.attn_processors]
+    if cross is None:
+        return names
+    return [n for n in names if n.endswith(".attn2") == cross]
+
+
+def layers_at_resolution(unet, latent_size: int, resolution: int, cross: bool = True, places: Iterable[str] = ("up", "down", "mid")) -> list[str]:
+    """Cross- (or self-) attention layers whose maps are `resolution` x `resolution`, grouped by UNet place in the
+    order given (A&E's AttentionStore aggregates "up", then "down", then "mid")."""
+    layers = [n for n in attention_layers(unet, cross) if latent_size // layer_downsampling(unet, n) == resolution]
+    prefix = {"up": "up_blocks.", "down": "down_blocks.", "mid": "mid_block."}
+    return [n for place in places for n in layers if n.startswith(prefix[place])]
+
+
+class AttentionHooks:
+    """Installs one hook on some layers for the duration of a `with` block; the rest keep their processors."""
+
+    def __init__(self, unet, layers: Iterable[str], hook: AttentionHook):
+        self.unet = unet
+        self.layers = list(layers)
+        self.hook = hook
+        self._saved: dict | None = None
+
+    def __enter__(self):
+        self._saved = dict(self.unet.attn_processors)
+        processors = dict(self._saved)
+        for layer in self.layers:
+            processors[layer + ".processor"] = ExplicitAttnProcessor(layer, self.hook)
+        self.unet.set_attn_processor(processors)
+        return self
+
+    def __exit__(self, *exc):
+        self.unet.set_attn_processor(self._saved)
+        self._saved = None
+
+
+class CrossAttentionRecorder:
+    """Keeps each layer's cross-attention probabilities from the last forward while `recording` is on.
+
+    Recording is switched on only around the forwards whose maps a method reads (the guidance forwards with
+    gradients), so the classifier-free-guidance forward pays nothing for it.
+    """
+
+    def __init__(self, layers: list[str], resolution: int):
+        self.layers = layers
+        self.resolution = resolution
+        self.recording = False
+        self.maps: dict[str, torch.Tensor] = {}
+
+    def edit_logits(self, layer, logits, is_cross):
+        return logits
+
+    def edit_probs(self, layer, probs, is_cross):
+        if self.recording and is_cross:
+            self.maps[layer] = probs
+        return probs
+
+    def average(self, batch_size: int) -> torch.Tensor:
+        """(batch, res, res, tokens): each image's maps averaged over heads and layers, summed in layer order
+        and divided once as diffusers' AttentionStore does."""
+        missing = [n for n in self.layers if n not in self.maps]
+        if missing:
+            raise RuntimeError(f"no attention recorded at {missing}: was recording on during the forward?")
+        res = self.resolution
+        per_layer = [self.maps[n].reshape(batch_size, -1, res, res, self.maps[n].shape[-1]) for n in self.layers]
+        stacked = torch.cat(per_layer, dim=1)
+        return stacked.sum(1) / stacked.shape[1]

@@ -1,0 +1,139 @@
+"""The one denoising loop every method shares.
+
+It owns the scheduler, classifier-free guidance, the initial noise (one seeded CPU generator per image, so a
+seed gives the same start on any device and for every method) and timing. Several seeds of one prompt run as
+one batch. With method `vanilla` it computes exactly what diffusers' `StableDiffusionPipeline` computes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from evalkit.prompts import PromptSpec, TokenIndexer
+from evalkit.sampling.method import Method
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    eta: float = 0.0
+
+
+@dataclass
+class DenoisingRun:
+    """What a method's hooks may read during one sampling call (one prompt, a batch of seeds)."""
+
+    pipe: StableDiffusionPipeline
+    spec: PromptSpec
+    indexer: TokenIndexer
+    settings: SamplingSettings
+    seeds: list[int]
+    cond_embeds: torch.Tensor  # (batch, 77, dim)
+    uncond_embeds: torch.Tensor  # (batch, 77, dim)
+    timesteps: torch.Tensor
+    state: dict = field(default_factory=dict)  # a method's per-call state; nothing outlives the call
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def latent_size(self) -> int:
+        return self.settings.height // self.pipe.vae_scale_factor
+
+    @property
+    def do_guidance(self) -> bool:
+        return self.settings.guidance_scale > 1.0
+
+    def guided_noise(self, t, latents, cond: torch.Tensor | None = None, uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """Classifier-free guidance: one UNet forward over [unconditional; conditional]."""
+        cond = self.cond_embeds if cond is None else cond
+        uncond = self.uncond_embeds if uncond is None else uncond
+        if not self.do_guidance:
+            return self.unet(self.scheduler.scale_model_input(latents, t), t, encoder_hidden_states=cond).sample
+        model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        noise = self.unet(model_input, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+        noise_uncond, noise_cond = noise.chunk(2)
+        return noise_uncond + self.settings.guidance_scale * (noise_cond - noise_uncond)
+
+
+@dataclass
+class SampleResult:
+    images: list[Image.Image]
+    latents: torch.Tensor
+    seconds: float  # wall time of the whole call (prompt encoding to decoded images)
+    peak_memory_bytes: int | None  # accelerator peak during the call; None on a CPU
+    failed_step: list[int | None]  # per image: first loop index with NaN/inf latents, or None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sample(
+    pipe: StableDiffusionPipeline,
+    method: Method,
+    spec: PromptSpec,
+    seeds: list[int],
+    settings: SamplingSettings,
+    indexer: TokenIndexer | None = None,
+    on_step=None,
+) -> SampleResult:
+    """Generate one image per seed for `spec` with `method`. `on_step(i, t, latents)` sees each step's result."""
+    device = pipe.unet.device
+    indexer = indexer or TokenIndexer(pipe.tokenizer)
+    method.check(spec, indexer)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _synchronize(device)
+    start = time.perf_counter()
+
+    n = len(seeds)
+    cond, uncond = pipe.encode_prompt(spec.prompt, device, n, settings.guidance_scale > 1.0)
+    pipe.scheduler.set_timesteps(settings.num_inference_steps, device=device)
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    latents = pipe.prepare_latents(
+        n, pipe.unet.config.in_channels, settings.height, settings.width, cond.dtype, device, generators
+    )
+    extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, settings.eta)
+    run = DenoisingRun(pipe, spec, indexer, settings, list(seeds), cond, uncond, pipe.scheduler.timesteps)
+    failed_step: list[int | None] = [None] * n
+
+    method.setup(run)
+    try:
+        for i, t in enumerate(run.timesteps):
+            latents = method.update_latents(run, i, t, latents)
+            with torch.no_grad():
+                noise = method.predict_noise(run, i, t, latents)
+                latents = pipe.scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[0]
+            bad = (~torch.isfinite(latents).flatten(1).all(dim=1)).tolist()
+            failed_step = [f if f is not None or not b else i for f, b in zip(failed_step, bad)]
+            if on_step is not None:
+                on_step(i, t, latents)
+    finally:
+        method.teardown(run)
+
+    with torch.no_grad():
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    images = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * n)
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return SampleResult(images, latents, seconds, peak, failed_step)

@@ -1,0 +1,79 @@
+"""The plugin contract between the shared denoising loop and a method, and the method registry."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+import torch
+
+from evalkit.errors import ConfigError, PromptError
+from evalkit.prompts import PromptSpec
+
+if TYPE_CHECKING:
+    from evalkit.sampling.loop import DenoisingRun
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register_method(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: makes the method selectable as `method=<cls.name>`."""
+    if cls.name in METHODS:
+        raise RuntimeError(f"method {cls.name!r} registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def build_method(config: Mapping[str, Any]) -> "Method":
+    """Instantiate the method a `conf/method/*.yaml` describes: `name` plus the method's parameters."""
+    import methods  # noqa: F401  (registers every method module)
+
+    params = dict(config)
+    name = params.pop("name", None)
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(params) - fields
+    if unknown:
+        raise ConfigError(f"method {name}: unknown parameter(s) {sorted(unknown)}; it takes {sorted(fields)}")
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"method {name}: {error}") from None
+
+
+@dataclasses.dataclass
+class Method:
+    """A method brings only what its paper adds to plain sampling; each hook's default is plain Stable Diffusion.
+
+    Subclasses are dataclasses whose fields are the paper's hyperparameters (defaults in `conf/method/`).
+    `requires` names the prompt annotations the method reads: "subjects", "groups", "segments".
+    """
+
+    name: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def check(self, spec: PromptSpec, indexer) -> None:
+        """Fail before any generation if the prompt lacks what the method needs (or names words not in it)."""
+        for annotation in self.requires:
+            if not getattr(spec, annotation):
+                raise PromptError(f"method {self.name} needs {annotation} for prompt {spec.id!r} ({spec.prompt!r}); the prompt set gives none")
+        if "subjects" in self.requires:
+            indexer.subject_indices(spec)
+        if "groups" in self.requires:
+            indexer.group_indices(spec)
+
+    def setup(self, run: "DenoisingRun") -> None:
+        """Called once per sampling call, after the prompt is encoded and the initial latents drawn."""
+
+    def teardown(self, run: "DenoisingRun") -> None:
+        """Undo whatever `setup` installed; called even if sampling fails."""
+
+    def update_latents(self, run: "DenoisingRun", i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """Change the latents before loop step `i` (gradient steps on a loss over attention maps)."""
+        return latents
+
+    def predict_noise(self, run: "DenoisingRun", i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The noise prediction the scheduler steps with; classifier-free guidance by default."""
+        return run.guided_noise(t, latents)

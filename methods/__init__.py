@@ -1,0 +1,3 @@
+"""One module per method; importing this package registers them all (see evalkit.sampling.method)."""
+
+from methods import vanilla  # noqa: F401

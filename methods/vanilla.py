@@ -1,0 +1,11 @@
+"""Stable Diffusion as it is: the baseline every other method is compared with."""
+
+from dataclasses import dataclass
+
+from evalkit.sampling.method import Method, register_method
+
+
+@register_method
+@dataclass
+class Vanilla(Method):
+    name = "vanilla"
