@@ -1,0 +1,62 @@
+"""`python -m evalkit <generate|score|report|run> [hydra overrides]`.
+
+`run` does all three stages for every method the experiment lists (`methods=[...]`); `generate` does one method
+(`method=<name>`), so `--multirun method=a,b seeds=[0],[1]` sweeps methods and seeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from evalkit import stages
+from evalkit.errors import EvalkitError
+from evalkit.manifest import PROJECT_ROOT
+
+COMMANDS = ("generate", "score", "report", "run")
+USAGE = f"usage: python -m evalkit {{{','.join(COMMANDS)}}} [overrides...] [--multirun]"
+
+
+def _method_config(name: str) -> DictConfig:
+    path = PROJECT_ROOT / "conf" / "method" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise EvalkitError(f"unknown method {name!r}; known methods: {', '.join(known)}")
+    return OmegaConf.load(path)
+
+
+def run_all(cfg: DictConfig) -> None:
+    for name in cfg.methods:
+        method_cfg = cfg.copy()
+        OmegaConf.update(method_cfg, "method", _method_config(name), merge=False)
+        stages.generate(method_cfg)
+    stages.score(cfg)
+    stages.report(cfg)
+
+
+STAGES = {"generate": stages.generate, "score": stages.score, "report": stages.report, "run": run_all}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
+    command = sys.argv.pop(1)
+
+    @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
+    def entry(cfg: DictConfig) -> None:
+        logging.getLogger("evalkit").setLevel(logging.INFO)
+        try:
+            STAGES[command](cfg)
+        except EvalkitError as error:
+            print(f"evalkit: error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    entry()
+
+
+if __name__ == "__main__":
+    main()

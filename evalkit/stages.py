@@ -1,0 +1,227 @@
+"""The three stages of a run, each reading only what the previous one wrote, so any of them can be re-run alone
+and re-running a killed stage resumes it: generate (images into the store), score (per-image rows), report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from evalkit.errors import ConfigError, StoreError
+from evalkit.manifest import PROJECT_ROOT, config_hash, git_commit, hardware, package_versions
+from evalkit.models.loading import load_pipeline, resolve_device
+from evalkit.prompts import PromptSpec, TokenIndexer, file_sha256, load_prompt_set
+from evalkit.sampling.loop import SamplingSettings, sample
+from evalkit.sampling.method import build_method
+from evalkit.store import ImageKey, ImageStore, atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger("evalkit")
+
+
+def project_path(path: str) -> Path:
+    """Relative paths in configs are relative to the project root, wherever the command runs."""
+    return Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return project_path(cfg.runs_root) / cfg.experiment_name
+
+
+def _seeds(cfg: DictConfig) -> list[int]:
+    seeds = OmegaConf.to_container(cfg.seeds) if OmegaConf.is_list(cfg.seeds) else [cfg.seeds]
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"seeds must be a list of integers, got {seeds!r}")
+    return seeds
+
+
+def _shard(cfg: DictConfig) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in str(cfg.shard).split("/"))
+    except ValueError:
+        raise ConfigError(f"shard must look like i/n, got {cfg.shard!r}") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"shard {cfg.shard}: need 0 <= i < n")
+    return index, count
+
+
+def sampling_settings(cfg: DictConfig) -> SamplingSettings:
+    s = cfg.sampling
+    return SamplingSettings(int(s.num_inference_steps), float(s.guidance_scale), int(s.resolution), int(s.resolution), float(s.eta))
+
+
+def variant_of(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
+    """`<method>@<hash>`: the hash covers everything that changes the images of a method on a model."""
+    identity = {
+        "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "sampling": OmegaConf.to_container(cfg.sampling, resolve=True),
+        "model": {"name": cfg.model.name, "revision": cfg.model.get("revision"), "seed": cfg.model.get("seed")},
+    }
+    return f"{cfg.method.name}@{config_hash(identity)}", identity
+
+
+def _manifest_path(cfg: DictConfig, model: str, variant: str, dataset: str) -> Path:
+    return run_dir(cfg) / "manifests" / f"{model}__{variant}__{dataset}.json"
+
+
+def read_manifests(cfg: DictConfig) -> list[dict]:
+    folder = run_dir(cfg) / "manifests"
+    manifests = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    if not manifests:
+        raise ConfigError(f"no generation has run for experiment {cfg.experiment_name!r} (nothing in {folder}); run `python -m evalkit generate` first")
+    return manifests
+
+
+def generate(cfg: DictConfig) -> None:
+    """Generate every (prompt, seed) of this method that the store does not hold yet (this shard's share)."""
+    seeds = _seeds(cfg)
+    shard_index, shard_count = _shard(cfg)
+    dataset_path = project_path(cfg.dataset.path)
+    specs = load_prompt_set(dataset_path, cfg.limit)
+    method = build_method(OmegaConf.to_container(cfg.method, resolve=True))
+    settings = sampling_settings(cfg)
+    device = resolve_device(cfg.device)
+    pipe = load_pipeline(cfg.model, device, cfg.sampling.scheduler)
+    indexer = TokenIndexer(pipe.tokenizer)
+    for spec in specs:  # every prompt's annotations are checked before any image is generated
+        method.check(spec, indexer)
+
+    store = ImageStore(project_path(cfg.store_root))
+    variant, identity = variant_of(cfg)
+    model, dataset = cfg.model.name, cfg.dataset.name
+    atomic_write_json(
+        _manifest_path(cfg, model, variant, dataset),
+        {
+            "stage": "generate", "experiment": cfg.experiment_name, "model": model, "method": method.name,
+            "variant": variant, "dataset": dataset, "dataset_path": str(cfg.dataset.path),
+            "dataset_version": cfg.dataset.version, "dataset_sha256": file_sha256(dataset_path),
+            "model_source": cfg.model.get("hub_id", "tiny (random weights, built offline)"),
+            "model_revision": cfg.model.get("revision"), "seeds": seeds, "limit": cfg.limit,
+            "config": OmegaConf.to_container(cfg, resolve=True), "identity": identity,
+            "versions": package_versions(), "git_commit": git_commit(), "hardware": hardware(device),
+        },
+    )
+
+    work = [(spec, seed) for spec in specs for seed in seeds]
+    work = [item for n, item in enumerate(work) if n % shard_count == shard_index]
+    todo: dict[str, tuple[PromptSpec, list[int]]] = {}
+    for spec, seed in work:
+        if not store.has(ImageKey(model, variant, dataset, spec.id, seed)):
+            todo.setdefault(spec.id, (spec, []))[1].append(seed)
+    log.info("%s on %s/%s: %d of %d images to generate", variant, model, dataset, sum(len(s) for _, s in todo.values()), len(work))
+    if not todo:
+        return
+
+    # Warm-up outside the timings: first calls pay for lazy initialisation and kernel selection.
+    warm = SamplingSettings(2, settings.guidance_scale, settings.height, settings.width, settings.eta)
+    sample(pipe, build_method({"name": "vanilla"}), next(iter(todo.values()))[0], seeds[:1], warm, indexer)
+
+    base_record = {
+        "model": model, "model_revision": cfg.model.get("revision"), "method": method.name, "variant": variant,
+        "method_config": identity["method"], "sampling": identity["sampling"], "dataset": dataset,
+        "device": str(device), "dtype": str(pipe.unet.dtype), "git_commit": git_commit(),
+        "random_weights": bool(cfg.model.get("random_weights", False)),
+    }
+    batch = int(cfg.batch_size)
+    with tqdm(total=sum(len(s) for _, s in todo.values()), desc=f"generate {variant}", unit="img") as progress:
+        for spec, pending in todo.values():
+            for start in range(0, len(pending), batch):
+                chunk = pending[start : start + batch]
+                result = sample(pipe, method, spec, chunk, settings, indexer)
+                for seed, image, failed in zip(chunk, result.images, result.failed_step):
+                    record = dict(
+                        base_record, prompt_id=spec.id, prompt=spec.prompt, seed=seed,
+                        status="ok" if failed is None else "failed", failed_step=failed,
+                        seconds_per_image=result.seconds / len(chunk), batch_size=len(chunk),
+                        batch_seconds=result.seconds, peak_memory_bytes=result.peak_memory_bytes,
+                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    )
+                    store.put(ImageKey(model, variant, dataset, spec.id, seed), image if failed is None else None, record)
+                progress.update(len(chunk))
+
+
+def _scores_path(cfg: DictConfig, scorer_key: str, manifest: dict) -> Path:
+    return run_dir(cfg) / "scores" / scorer_key / f"{manifest['model']}__{manifest['variant']}__{manifest['dataset']}.csv"
+
+
+def score(cfg: DictConfig) -> None:
+    """Score every generated variant of the experiment with every configured scorer; finished tables are kept."""
+    from evalkit.scoring.base import ScoredImage, build_scorer
+
+    store = ImageStore(project_path(cfg.store_root))
+    device = resolve_device(cfg.device)
+    manifests = read_manifests(cfg)
+    for scorer_key, scorer_cfg in cfg.scorers.items():
+        scorer = build_scorer(OmegaConf.to_container(scorer_cfg, resolve=True), device)
+        for manifest in manifests:
+            out = _scores_path(cfg, scorer_key, manifest)
+            keys = list(store.keys(manifest["model"], manifest["variant"], manifest["dataset"]))
+            wanted = sorted((k.prompt_id, k.seed) for k in keys)
+            if out.is_file():
+                done = pd.read_csv(out, dtype={"prompt_id": str})
+                if set(done["scorer"]) == {scorer.name} and sorted(set(zip(done.prompt_id, done.seed))) == wanted:
+                    continue
+            specs = {s.id: s for s in load_prompt_set(project_path(manifest["dataset_path"]))}
+            scorer.reset()
+            items, corrupt = [], []
+            for key in tqdm(keys, desc=f"{scorer_key} {manifest['variant']}", unit="img"):
+                record = store.read_record(key)
+                image = None
+                if scorer.needs_images:
+                    if record.get("status") != "ok":
+                        continue
+                    try:
+                        image = store.read_image(key)
+                    except StoreError as error:
+                        corrupt.append(str(error))
+                        continue
+                spec = specs[key.prompt_id]
+                items.append(ScoredImage(key.model, key.method, key.variant, key.dataset, key.prompt_id, key.seed, spec.prompt, spec.subjects, image, record))
+                if len(items) >= int(scorer_cfg.get("batch_size", 32)):
+                    scorer.update(items)
+                    items = []
+            if items:
+                scorer.update(items)
+            if corrupt:
+                log.warning("skipped %d unreadable images (re-run generate to regenerate them):\n  %s", len(corrupt), "\n  ".join(corrupt))
+            rows = pd.DataFrame(scorer.compute())
+            atomic_write_bytes(out, rows.to_csv(index=False).encode())
+
+
+def report(cfg: DictConfig) -> Path:
+    """Aggregate whatever is scored into `reports/<experiment>/` and say what is missing."""
+    from evalkit.reporting.render import write_report
+    from evalkit.scoring.base import scorer_class
+
+    store = ImageStore(project_path(cfg.store_root))
+    manifests = read_manifests(cfg)
+    records, images, tables = [], [], []
+    for manifest in manifests:
+        for key in store.keys(manifest["model"], manifest["variant"], manifest["dataset"]):
+            record = store.read_record(key)
+            records.append({"model": key.model, "method": key.method, "variant": key.variant, "dataset": key.dataset,
+                            "prompt_id": key.prompt_id, "seed": key.seed, "prompt": record.get("prompt"),
+                            "status": record.get("status"), "failed_step": record.get("failed_step")})
+            if record.get("status") == "ok":
+                images.append({**records[-1], "path": str(store.image_path(key))})
+        for scorer_key in cfg.scorers:
+            path = _scores_path(cfg, scorer_key, manifest)
+            if path.is_file():
+                tables.append(pd.read_csv(path, dtype={"prompt_id": str}))
+            else:
+                log.warning("not scored yet: %s for %s (run `python -m evalkit score`)", scorer_key, manifest["variant"])
+    metric_info = {m: up for c in cfg.scorers.values() for m, up in scorer_class(c.name).metrics.items()}
+    scores = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
+        columns=["model", "method", "variant", "dataset", "prompt_id", "seed", "metric", "value", "scorer"])
+    out_dir = project_path(cfg.report_dir)
+    index = write_report(out_dir, cfg.title, scores, pd.DataFrame(records), manifests, pd.DataFrame(images),
+                         cfg.get("notice"), metric_info)
+    print(f"report written: {index} (and {out_dir / 'README.md'})")
+    return index
+

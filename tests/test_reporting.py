@@ -1,0 +1,149 @@
+"""Aggregation numbers against hand-checkable answers, and a small report written end to end."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from evalkit.reporting import bootstrap_ci, failures, paired_difference, relative_overhead, summarize, write_report
+
+VANILLA = "vanilla@aaaa000000"
+EXCITE = "attend_and_excite@3fa2c1d0e9"
+SCRIPT_PROMPT = "<script>alert(1)</script> a cat"
+
+
+def score_rows(variant: str, metric: str, values: list[float], scorer: str = "test-scorer") -> list[dict]:
+    """One row per value, for prompt p0 and seeds 0, 1, ...; the method is the variant's name before the @."""
+    return [
+        {
+            "model": "tiny",
+            "method": variant.split("@")[0],
+            "variant": variant,
+            "dataset": "toy",
+            "prompt_id": "p0",
+            "seed": seed,
+            "metric": metric,
+            "value": value,
+            "scorer": scorer,
+        }
+        for seed, value in enumerate(values)
+    ]
+
+
+def test_bootstrap_ci_of_constant_values_has_zero_width():
+    assert bootstrap_ci(np.full(10, 2.0)) == (2.0, 2.0, 2.0)
+
+
+def test_bootstrap_ci_mean_ignores_nan_and_is_deterministic_for_a_seed():
+    values = np.append(np.arange(1.0, 21.0), np.nan)
+    mean, low, high = bootstrap_ci(values, seed=3)
+    assert mean == pytest.approx(10.5)
+    assert 1.0 <= low < mean < high <= 20.0
+    assert bootstrap_ci(values, seed=3) == (mean, low, high)
+    assert bootstrap_ci(values, seed=4) != (mean, low, high)
+
+
+def test_bootstrap_ci_of_one_value_is_a_point_and_of_none_is_nan():
+    assert bootstrap_ci(np.array([5.0, np.nan])) == (5.0, 5.0, 5.0)
+    assert all(np.isnan(bootstrap_ci(np.array([np.nan]))))
+
+
+def test_summarize_groups_per_variant_and_metric():
+    scores = pd.DataFrame(score_rows(VANILLA, "clip", [1.0, 3.0]) + score_rows(EXCITE, "clip", [4.0, 4.0, np.nan]))
+    summary = summarize(scores).set_index("variant")
+    assert summary.loc[VANILLA, "mean"] == pytest.approx(2.0)
+    assert summary.loc[EXCITE, ["n", "mean", "ci_low", "ci_high"]].tolist() == [2, 4.0, 4.0, 4.0]
+
+
+def test_paired_difference_uses_only_pairs_present_in_both():
+    baseline = score_rows(VANILLA, "clip", [1.0, 2.0, 3.0, 10.0])
+    # Seed 3 has no score for the method, so the baseline's 10.0 must not enter the difference.
+    method = score_rows(EXCITE, "clip", [1.5, 2.5, 3.5])
+    differences = paired_difference(pd.DataFrame(baseline + method))
+    assert len(differences) == 1
+    row = differences.iloc[0]
+    assert (row.variant, row.n_pairs) == (EXCITE, 3)
+    # Every pair differs by exactly 0.5, so every resample of pairs does too.
+    assert (row.mean_difference, row.ci_low, row.ci_high) == pytest.approx((0.5, 0.5, 0.5))
+
+
+def test_relative_overhead_of_half_again_the_baseline_time():
+    scores = pd.DataFrame(
+        score_rows(VANILLA, "seconds_per_image", [1.0, 1.0]) + score_rows(EXCITE, "seconds_per_image", [1.5, 1.5])
+    )
+    overhead = relative_overhead(scores)
+    assert overhead[["variant", "method"]].values.tolist() == [[EXCITE, "attend_and_excite"]]
+    assert overhead.iloc[0][["overhead", "ci_low", "ci_high"]].tolist() == pytest.approx([0.5, 0.5, 0.5])
+
+
+def test_failures_counts_failed_records_per_variant():
+    records = pd.DataFrame(
+        {
+            "model": "tiny",
+            "method": ["vanilla", "attend_and_excite", "attend_and_excite"],
+            "variant": [VANILLA, EXCITE, EXCITE],
+            "status": ["ok", "failed", "ok"],
+        }
+    )
+    counts = failures(records).set_index("variant")
+    assert counts.loc[EXCITE, ["n_records", "n_failed"]].tolist() == [2, 1]
+    assert counts.loc[VANILLA, "n_failed"] == 0
+
+
+def test_write_report_escapes_user_text_and_writes_plots_and_grids(tmp_path):
+    scores = pd.DataFrame(
+        score_rows(VANILLA, "clip", [0.2, 0.3])
+        + score_rows(EXCITE, "clip", [0.4, 0.5])
+        + score_rows(VANILLA, "seconds_per_image", [1.0, 1.2])
+        + score_rows(EXCITE, "seconds_per_image", [1.5, 1.7])
+        + score_rows(VANILLA, "peak_memory_mb", [100.0, 100.0])
+        + score_rows(EXCITE, "peak_memory_mb", [120.0, 120.0])
+    )
+    keys = [("vanilla", VANILLA, seed) for seed in (0, 1)] + [("attend_and_excite", EXCITE, seed) for seed in (0, 1)]
+    records = pd.DataFrame(
+        [
+            {"model": "tiny", "method": method, "variant": variant, "dataset": "toy", "prompt_id": "p0",
+             "seed": seed, "status": "ok", "failed_step": None, "prompt": SCRIPT_PROMPT}
+            for method, variant, seed in keys
+        ]
+    )
+    image_rows = []
+    for method, variant, seed in keys:
+        path = tmp_path / f"{method}_{seed}.png"
+        Image.new("RGB", (32, 32), (40 * seed, 120, 200)).save(path)
+        image_rows.append({"model": "tiny", "method": method, "variant": variant, "dataset": "toy",
+                           "prompt_id": "p0", "seed": seed, "path": str(path)})
+    references = pd.DataFrame([{"dataset": "toy", "method": "attend_and_excite", "metric": "clip",
+                                "value": 0.45, "source": "Chefer et al. 2023"}])
+    out_dir = tmp_path / "report"
+
+    index = write_report(
+        out_dir,
+        title="Toy <run>",
+        scores=scores,
+        records=records,
+        manifests=[{"variant": EXCITE, "config": {"note": SCRIPT_PROMPT}}],
+        image_paths=pd.DataFrame(image_rows),
+        notice="Made with tiny random-weight models: these numbers mean nothing",
+        metric_info={"clip": True, "seconds_per_image": False},
+        references=references,
+    )
+
+    page = index.read_text(encoding="utf-8")
+    assert index == out_dir / "index.html"
+    assert "<script>alert(1)" not in page
+    assert "&lt;script&gt;" in page
+    assert page.index("these numbers mean nothing") < page.index("<h1>")
+    assert "0.450 [0.400, 0.500]" in page  # attend_and_excite's clip mean and its interval
+    assert "+45.5 [" in page  # overhead in %: mean 1.6 s against 1.1 s
+    assert json.dumps(SCRIPT_PROMPT)[1:-1].replace("<", "&lt;").replace(">", "&gt;") in page
+    readme = (out_dir / "README.md").read_text(encoding="utf-8")
+    assert readme.startswith("> **⚠ Made with tiny random-weight models")
+    assert "[toy / p0: &lt;script&gt;alert(1)&lt;/script&gt; a cat](grids/toy__p0.png)" in readme
+    assert {path.name for path in (out_dir / "plots").iterdir()} == {
+        "clip.png", "seconds_per_image.png", "peak_memory_mb.png"
+    }
+    with Image.open(out_dir / "grids" / "toy__p0.png") as grid:
+        assert grid.width > 2 * 192 and grid.height > 2 * 192  # two variant columns, two seed rows
