@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from evalkit import stages
 from evalkit.errors import EvalkitError
 from evalkit.manifest import PROJECT_ROOT
+from evalkit.sampling.method import build_method
 
 COMMANDS = ("generate", "score", "report", "run")
 USAGE = f"usage: python -m evalkit {{{','.join(COMMANDS)}}} [overrides...] [--multirun]"
@@ -29,10 +30,13 @@ def _method_config(name: str) -> DictConfig:
 
 
 def run_all(cfg: DictConfig) -> None:
-    for name in cfg.methods:
-        method_cfg = cfg.copy()
-        OmegaConf.update(method_cfg, "method", _method_config(name), merge=False)
-        stages.generate(method_cfg)
+    method_configs = [_method_config(name) for name in cfg.methods]  # all known before any image is made
+    for method in method_configs:
+        build_method(OmegaConf.to_container(method, resolve=True))
+    for method in method_configs:
+        run_cfg = cfg.copy()
+        OmegaConf.update(run_cfg, "method", method, merge=False)
+        stages.generate(run_cfg)
     stages.score(cfg)
     stages.report(cfg)
 

@@ -1,0 +1,46 @@
+"""The command line as a user meets it: one-line errors, multirun, and generate -> score -> report."""
+
+import os
+import subprocess
+import sys
+
+from evalkit.manifest import PROJECT_ROOT
+
+TINY = ["model=tiny", "scorer=[clip_tiny,overhead]", "sampling.num_inference_steps=2"]
+
+
+def evalkit(*args, tmp_path, env=None):
+    places = [f"store_root={tmp_path / 'store'}", f"runs_root={tmp_path / 'runs'}", f"report_dir={tmp_path / 'report'}"]
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "evalkit", *args, *places], cwd=PROJECT_ROOT, env=environment,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_missing_weights_offline_is_one_line(tmp_path):
+    result = evalkit("generate", "model=sd15", tmp_path=tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("evalkit: error:")]
+    assert len(error) == 1
+    assert "runwayml/stable-diffusion-v1-5" in error[0] and "hf download" in error[0]
+
+
+def test_bad_configuration_fails_before_generation(tmp_path):
+    result = evalkit("run", *TINY, "methods=[vanilla,no_such_method]", tmp_path=tmp_path)
+    assert result.returncode == 2 and "unknown method 'no_such_method'" in result.stderr
+    assert not (tmp_path / "store").exists()
+    result = evalkit("generate", *TINY, "seeds=[0,x]", tmp_path=tmp_path)
+    assert result.returncode == 2 and "seeds must be a list of integers" in result.stderr
+
+
+def test_multirun_over_seeds_then_score_and_report(tmp_path):
+    result = evalkit("generate", "--multirun", *TINY, "limit=1", "seeds=[0],[1]", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    images = sorted(p.name for p in (tmp_path / "store").rglob("*.png"))
+    assert images == ["0.png", "1.png"]
+    assert evalkit("score", *TINY, tmp_path=tmp_path).returncode == 0
+    result = evalkit("report", *TINY, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "clip_full" in html and "vanilla" in html
+    assert (tmp_path / "report" / "README.md").is_file()
