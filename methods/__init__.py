@@ -1,3 +1,4 @@
 """One module per method; importing this package registers them all (see evalkit.sampling.method)."""
 
 from methods import vanilla  # noqa: F401
+from methods import attend_and_excite  # noqa: F401
