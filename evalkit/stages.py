@@ -125,7 +125,7 @@ def generate(cfg: DictConfig) -> None:
     base_record = {
         "model": model, "model_revision": cfg.model.get("revision"), "method": method.name, "variant": variant,
         "method_config": identity["method"], "sampling": identity["sampling"], "dataset": dataset,
-        "device": str(device), "dtype": str(pipe.unet.dtype), "git_commit": git_commit(),
+        "device": str(device), "dtype": str(pipe.unet.dtype), "git_commit": git_commit(), "versions": package_versions(),
         "random_weights": bool(cfg.model.get("random_weights", False)),
     }
     batch = int(cfg.batch_size)

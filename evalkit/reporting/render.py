@@ -183,9 +183,13 @@ def _compute_section(summary: pd.DataFrame, overhead: pd.DataFrame, labels: Vari
             ]
             if with_memory:
                 memory = by_metric.get((model, dataset, variant, PEAK_MEMORY_METRIC))
-                row_cells.append(MISSING if memory is None else f"{memory.mean:.1f}")
+                # NaN: generated on a CPU, where no accelerator peak is measured.
+                row_cells.append(MISSING if memory is None or pd.isna(memory.mean) else f"{memory.mean:.1f}")
             table_rows.append(row_cells)
-    note = "Overhead: (T - T0) / T0 of mean seconds per image against the baseline on the same model and dataset."
+    note = (
+        "Overhead: (T - T0) / T0 of mean seconds per image against the baseline on the same model and dataset. "
+        "Peak memory is the accelerator's; – where images were generated on a CPU."
+    )
     return Section("Compute overhead", [Paragraph(note), Table(headers, table_rows)])
 
 

@@ -116,8 +116,8 @@ def sample(
     run = DenoisingRun(pipe, spec, indexer, settings, list(seeds), cond, uncond, pipe.scheduler.timesteps)
     failed_step: list[int | None] = [None] * n
 
-    method.setup(run)
     try:
+        method.setup(run)
         for i, t in enumerate(run.timesteps):
             latents = method.update_latents(run, i, t, latents)
             with torch.no_grad():

@@ -68,7 +68,7 @@ class Method:
         """Called once per sampling call, after the prompt is encoded and the initial latents drawn."""
 
     def teardown(self, run: "DenoisingRun") -> None:
-        """Undo whatever `setup` installed; called even if sampling fails."""
+        """Undo whatever `setup` installed; called even if setup or sampling fails part-way."""
 
     def update_latents(self, run: "DenoisingRun", i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """Change the latents before loop step `i` (gradient steps on a loss over attention maps)."""
