@@ -116,12 +116,11 @@ class AttendAndExcite(Method):
             kernel=gaussian_kernel(self.kernel_size, self.sigma).to(run.unet.device) if self.smooth_attentions else None,
         )
         # Last, so that nothing can fail between installing the hooks and the loop's try/finally that removes them.
-        run.state["hooks"] = AttentionHooks(run.unet, layers, recorder).__enter__()
+        run.state["hooks"] = AttentionHooks(run.unet, layers, recorder).install()
 
     def teardown(self, run):
-        hooks = run.state.pop("hooks", None)
-        if hooks is not None:
-            hooks.__exit__(None, None, None)
+        if "hooks" in run.state:
+            run.state.pop("hooks").remove()
 
     def update_latents(self, run, i, t, latents):
         if i >= self.max_iter_to_alter and i not in self.thresholds:

@@ -114,7 +114,7 @@ def layers_at_resolution(unet, latent_size: int, resolution: int, cross: bool = 
 
 
 class AttentionHooks:
-    """Installs one hook on some layers for the duration of a `with` block; the rest keep their processors."""
+    """Installs one hook on some layers (`install`, then `remove`); the rest keep their processors."""
 
     def __init__(self, unet, layers: Iterable[str], hook: AttentionHook):
         self.unet = unet
@@ -122,7 +122,7 @@ class AttentionHooks:
         self.hook = hook
         self._saved: dict | None = None
 
-    def __enter__(self):
+    def install(self) -> "AttentionHooks":
         self._saved = dict(self.unet.attn_processors)
         processors = dict(self._saved)
         for layer in self.layers:
@@ -130,9 +130,10 @@ class AttentionHooks:
         self.unet.set_attn_processor(processors)
         return self
 
-    def __exit__(self, *exc):
-        self.unet.set_attn_processor(self._saved)
-        self._saved = None
+    def remove(self) -> None:
+        if self._saved is not None:
+            self.unet.set_attn_processor(self._saved)
+            self._saved = None
 
 
 class CrossAttentionRecorder:
