@@ -95,6 +95,7 @@ def generate(cfg: DictConfig) -> None:
     store = ImageStore(project_path(cfg.store_root))
     variant, identity = variant_of(cfg)
     model, dataset = cfg.model.name, cfg.dataset.name
+    versions, commit = package_versions(), git_commit()
     atomic_write_json(
         _manifest_path(cfg, model, variant, dataset),
         {
@@ -104,7 +105,7 @@ def generate(cfg: DictConfig) -> None:
             "model_source": cfg.model.get("hub_id", "tiny (random weights, built offline)"),
             "model_revision": cfg.model.get("revision"), "seeds": seeds, "limit": cfg.limit,
             "config": OmegaConf.to_container(cfg, resolve=True), "identity": identity,
-            "versions": package_versions(), "git_commit": git_commit(), "hardware": hardware(device),
+            "versions": versions, "git_commit": commit, "hardware": hardware(device),
         },
     )
 
@@ -125,7 +126,7 @@ def generate(cfg: DictConfig) -> None:
     base_record = {
         "model": model, "model_revision": cfg.model.get("revision"), "method": method.name, "variant": variant,
         "method_config": identity["method"], "sampling": identity["sampling"], "dataset": dataset,
-        "device": str(device), "dtype": str(pipe.unet.dtype), "git_commit": git_commit(), "versions": package_versions(),
+        "device": str(device), "dtype": str(pipe.unet.dtype), "git_commit": commit, "versions": versions,
         "random_weights": bool(cfg.model.get("random_weights", False)),
     }
     batch = int(cfg.batch_size)
