@@ -17,36 +17,15 @@ The classifier-free-guidance step of the shared loop then uses the updated laten
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from evalkit.errors import ConfigError
 from evalkit.sampling.attention import AttentionHooks, CrossAttentionRecorder, layers_at_resolution
 from evalkit.sampling.method import Method, register_method
-
-
-def gaussian_kernel(kernel_size: int, sigma: float) -> torch.Tensor:
-    """A&E's normalised 2-D smoothing kernel, computed exactly as its `GaussianSmoothing` does.
-
-    Its exponent is -((x - mu) / (2 sigma))^2, not -(x - mu)^2 / (2 sigma^2): sigma=0.5 acts as sigma~0.707.
-    """
-    coords = torch.arange(kernel_size, dtype=torch.float32)
-    mean = (kernel_size - 1) / 2
-    kernel = torch.ones(kernel_size, kernel_size)
-    for grid in torch.meshgrid([coords, coords], indexing="ij"):
-        kernel = kernel * (1 / (sigma * math.sqrt(2 * math.pi)) * torch.exp(-(((grid - mean) / (2 * sigma)) ** 2)))
-    return kernel / kernel.sum()
-
-
-def smooth(attention_map: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Smooth one (res, res) map: reflect padding keeps the size, as in A&E."""
-    pad = kernel.shape[-1] // 2
-    padded = F.pad(attention_map[None, None], (pad, pad, pad, pad), mode="reflect")
-    return F.conv2d(padded, kernel[None, None].to(attention_map)).squeeze(0).squeeze(0)
+from evalkit.sampling.smoothing import gaussian_kernel, smooth
 
 
 def subject_maxima(attention_maps: torch.Tensor, token_indices: list[int], kernel: torch.Tensor | None) -> torch.Tensor:
@@ -141,14 +120,7 @@ class AttendAndExcite(Method):
 
     def _loss(self, run, t, latent, cond) -> torch.Tensor:
         """One guidance forward of a single image (batch 1, conditional only) and its A&E loss."""
-        recorder = run.state["recorder"]
-        recorder.recording = True
-        try:
-            run.unet(latent, t, encoder_hidden_states=cond)
-        finally:
-            recorder.recording = False
-        maps = recorder.average(batch_size=1)[0]
-        recorder.maps.clear()
+        maps = run.state["recorder"].record(run.unet, latent, t, cond)[0]
         return attend_and_excite_loss(subject_maxima(maps, run.state["token_indices"], run.state["kernel"]))
 
     @staticmethod

@@ -15,13 +15,8 @@ from evalkit.models.loading import load_pipeline
 from evalkit.prompts import PromptSpec
 from evalkit.sampling.loop import SamplingSettings, sample
 from evalkit.sampling.method import build_method
-from methods.attend_and_excite import (
-    AttendAndExcite,
-    attend_and_excite_loss,
-    gaussian_kernel,
-    smooth,
-    subject_maxima,
-)
+from evalkit.sampling.smoothing import gaussian_kernel, smooth
+from methods.attend_and_excite import AttendAndExcite, attend_and_excite_loss, subject_maxima
 from tests.conftest import TINY
 
 SPEC = PromptSpec("p", "a cat and a dog", ("cat", "dog"))  # cat -> 2, dog -> 5

@@ -157,6 +157,18 @@ class CrossAttentionRecorder:
             self.maps[layer] = probs
         return probs
 
+    def record(self, unet, latents: torch.Tensor, t, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """One UNet forward with recording on; returns its maps averaged over heads and layers, (batch, res, res,
+        tokens). This is the "guidance forward" of A&E-style methods: with gradients on, the maps carry them."""
+        self.recording = True
+        try:
+            unet(latents, t, encoder_hidden_states=encoder_hidden_states)
+        finally:
+            self.recording = False
+        maps = self.average(batch_size=latents.shape[0])
+        self.maps.clear()
+        return maps
+
     def average(self, batch_size: int) -> torch.Tensor:
         """(batch, res, res, tokens): each image's maps averaged over heads and layers, summed in layer order
         and divided once as diffusers' AttentionStore does."""
