@@ -24,5 +24,9 @@ demo: venv
 test: venv
 	$(OFFLINE) $(PY) -m pytest -q
 
+# Ratios of the harness against diffusers, method overheads, scorer throughput, peak memory -> reports/bench/
+bench: venv
+	$(OFFLINE) $(PY) -m evalkit bench
+
 clean:
 	rm -rf runs outputs multirun reports/demo

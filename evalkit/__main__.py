@@ -1,7 +1,8 @@
-"""`python -m evalkit <generate|score|report|run> [hydra overrides]`.
+"""`python -m evalkit <generate|score|report|run|bench> [hydra overrides]`.
 
 `run` does all three stages for every method the experiment lists (`methods=[...]`); `generate` does one method
-(`method=<name>`), so `--multirun method=a,b seeds=[0],[1]` sweeps methods and seeds.
+(`method=<name>`), so `--multirun method=a,b seeds=[0],[1]` sweeps methods and seeds. `bench` reads
+`conf/bench.yaml` instead of `conf/config.yaml`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from evalkit.errors import EvalkitError
 from evalkit.manifest import PROJECT_ROOT
 from evalkit.sampling.method import build_method
 
-COMMANDS = ("generate", "score", "report", "run")
+COMMANDS = ("generate", "score", "report", "run", "bench")
 USAGE = f"usage: python -m evalkit {{{','.join(COMMANDS)}}} [overrides...] [--multirun]"
 
 
@@ -41,7 +42,13 @@ def run_all(cfg: DictConfig) -> None:
     stages.report(cfg)
 
 
-STAGES = {"generate": stages.generate, "score": stages.score, "report": stages.report, "run": run_all}
+def bench(cfg: DictConfig) -> None:
+    from evalkit.bench import run_bench
+
+    run_bench(cfg)
+
+
+STAGES = {"generate": stages.generate, "score": stages.score, "report": stages.report, "run": run_all, "bench": bench}
 
 
 def main() -> None:
@@ -50,7 +57,9 @@ def main() -> None:
         sys.exit(2)
     command = sys.argv.pop(1)
 
-    @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="config")
+    config_name = "bench" if command == "bench" else "config"
+
+    @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name=config_name)
     def entry(cfg: DictConfig) -> None:
         logging.getLogger("evalkit").setLevel(logging.INFO)
         try:

@@ -1,4 +1,4 @@
-"""Load the diffusion pipeline a model config names: a hub checkpoint at a pinned revision, or the tiny build."""
+"""Load the diffusion pipeline a model config names: a hub checkpoint at a pinned revision, or a random-weight build."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from diffusers import (
 )
 
 from evalkit.errors import ConfigError, MissingWeightsError
-from evalkit.models.tiny import build_tiny_pipeline
+from evalkit.models.random_init import build_random_pipeline
 
 # The schedulers the papers ran; each is built from the checkpoint's own scheduler config.
 SCHEDULERS = {
@@ -68,14 +68,14 @@ def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
 def load_pipeline(model_cfg: Mapping[str, Any], device: torch.device, scheduler: str | None = None) -> StableDiffusionPipeline:
     """The pipeline for `model_cfg` on `device`, with `scheduler` (default: the model config's)."""
     dtype = resolve_dtype(model_cfg, device)
-    if model_cfg["kind"] == "tiny":
-        pipe = build_tiny_pipeline(model_cfg)
+    if model_cfg["kind"] == "random":
+        pipe = build_random_pipeline(model_cfg)
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     elif model_cfg["kind"] == "hub":
         pipe = _load_hub_pipeline(model_cfg, dtype)
     else:
-        raise ConfigError(f"model {model_cfg['name']}: unknown kind {model_cfg['kind']!r} (hub or tiny)")
+        raise ConfigError(f"model {model_cfg['name']}: unknown kind {model_cfg['kind']!r} (hub or random)")
     set_scheduler(pipe, scheduler or model_cfg["scheduler"])
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -1,8 +1,9 @@
-"""A tiny Stable-Diffusion-1-shaped pipeline built offline from a config and a seed.
+"""Stable Diffusion pipelines with random weights, built offline from an architecture config and a seed.
 
-It has SD-1.x's attention layer names and counts (16 transformer blocks, 32 attention modules) and, with
-64x64 latents, 16x16 cross-attention maps at `down_blocks.2` and `up_blocks.1`, so every method hooks into it
-exactly as into the real model. Its weights are random: images and scores made with it mean nothing.
+`conf/model/tiny.yaml` is the one tests and the demo use: it has SD-1.x's attention layer names and counts
+(16 transformer blocks, 32 attention modules) and, with 64x64 latents, 16x16 cross-attention maps at `down_blocks.2` and `up_blocks.1`, so every method hooks into it
+exactly as into the real model. `sd15_random` and `sd2_base_random` are the full-size architectures, for timing
+on a GPU (`make bench`). Their weights are random: images and scores made with them mean nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def build_tiny_pipeline(config: Mapping[str, Any]) -> StableDiffusionPipeline:
-    """Build the pipeline described by `conf/model/tiny.yaml`; the same config and seed give the same weights."""
+def build_random_pipeline(config: Mapping[str, Any]) -> StableDiffusionPipeline:
+    """Build the pipeline a `kind: random` model config describes; the same config and seed give the same weights."""
     seed = int(config["seed"])
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**_plain(config["unet"]))
