@@ -64,9 +64,3 @@ def test_lpips_and_fid_run_resume_in_a_multirun_and_reach_the_report(tmp_path):
     assert len(list((scores / "fid").glob("*.csv"))) == 2  # the fid job of the sweep scored again
     readme = (tmp_path / "report" / "README.md").read_text()
     assert "lpips_vs_vanilla ↓" in readme and "## Set-level results" in readme and "| fid ↓ |" in readme
-
-
-def test_lpips_without_vanilla_fails_before_generation(tmp_path):
-    result = evalkit("run", "model=tiny", "methods=[attend_and_excite]", "scorer=[lpips_tiny]", tmp_path=tmp_path)
-    assert result.returncode == 2 and "add vanilla to methods" in result.stderr
-    assert not (tmp_path / "store").exists()

@@ -96,7 +96,7 @@ def test_resize_is_clean_fids_clean_resize_after_a_centre_crop():
 def write_images(folder, n_images: int, seed: int, size=(48, 40)) -> list[Image.Image]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    images = [Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)) for _ in range(n_images)]
+    images = [Image.fromarray(rng.integers(0, 256, size=(*size[::-1], 3), dtype=np.uint8)) for _ in range(n_images)]
     for index, image in enumerate(images):
         image.save(folder / f"{index}.png")
     return images
@@ -184,7 +184,7 @@ def test_real_inception_offline_is_one_line_missing_weights_error(monkeypatch, t
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(MissingWeightsError, match="pt_inception-2015-12-05-6726825d.pth is not in torch's hub") as error:
+    with pytest.raises(MissingWeightsError, match="pt_inception-2015-12-05-6726825d.pth is not in torch") as error:
         build_scorer({**tiny_config(tmp_path / "real", tmp_path), "tiny": False}, CPU)
     assert "github.com/mseitzer/pytorch-fid" in str(error.value) and "\n" not in str(error.value)
 

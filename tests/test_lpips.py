@@ -7,9 +7,12 @@ import lpips
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from evalkit.__main__ import run_all
 from evalkit.errors import ConfigError, MissingWeightsError
+from evalkit.manifest import PROJECT_ROOT
 from evalkit.scoring.base import ScoredImage, ScoredSet, build_scorer, check_scorer
 from evalkit.store import ImageKey, ImageStore
 
@@ -52,7 +55,8 @@ def scorer():
 
 def scored_rows(scorer, store: ImageStore, method: str, manifests=None) -> list[dict]:
     scorer.reset()
-    scorer.begin_set(ScoredSet(manifest(method), manifests or [manifest("vanilla"), manifest("attend_and_excite")], store))
+    manifests = manifests or [manifest("vanilla"), manifest("attend_and_excite")]
+    scorer.begin_set(ScoredSet(manifest(method), manifests, store))
     scorer.update(items(store, method))
     return scorer.compute()
 
@@ -133,3 +137,12 @@ def test_real_alexnet_offline_is_one_line_missing_weights_error(monkeypatch, tmp
     with pytest.raises(MissingWeightsError, match="alexnet-owt-7be5be79.pth is not in torch's hub cache") as error:
         build_scorer({"name": "lpips", "net": "alex"}, CPU)
     assert "download.pytorch.org" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_run_without_vanilla_fails_before_generation(tmp_path):
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", [f"store_root={tmp_path / 'store'}", f"runs_root={tmp_path / 'runs'}", "model=tiny",
+                                 "methods=[attend_and_excite]", "scorer=[lpips_tiny]"])
+    with pytest.raises(ConfigError, match="add vanilla to methods"):
+        run_all(cfg)
+    assert not (tmp_path / "store").exists() and not (tmp_path / "runs").exists()

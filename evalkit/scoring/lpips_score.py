@@ -88,8 +88,8 @@ class LpipsScorer(Scorer):
         self.model = model.to(device).eval()
         self.batch_size = batch_size
         self.name = (
-            f"lpips {metadata.version('lpips')} v0.1, {trunk} + the package's linear layers, RGB in [-1, 1] at native size, "
-            f"against {BASELINE_METHOD} of the same model, sampling, prompt and seed"
+            f"lpips {metadata.version('lpips')} v0.1, {trunk} + the package's linear layers, RGB in [-1, 1] at "
+            f"native size, against {BASELINE_METHOD} of the same model, sampling, prompt and seed"
         )
         self._scored_set: ScoredSet | None = None
         self._baseline_variant: str | None = None
