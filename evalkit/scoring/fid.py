@@ -57,9 +57,9 @@ def fid_input(image: Image.Image) -> torch.Tensor:
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
     square = rgb[top : top + side, left : left + side]
-    channels = [
+    channels = [  # float32 arrays become PIL "F" images: resized without rounding
         np.asarray(
-            Image.fromarray(square[:, :, channel].astype(np.float32), mode="F").resize(
+            Image.fromarray(square[:, :, channel].astype(np.float32)).resize(
                 (INCEPTION_SIZE, INCEPTION_SIZE), resample=Image.Resampling.BICUBIC
             )
         )
