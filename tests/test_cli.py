@@ -48,7 +48,7 @@ def test_multirun_over_seeds_then_score_and_report(tmp_path):
 
 def test_lpips_and_fid_run_resume_in_a_multirun_and_reach_the_report(tmp_path):
     tiny = ["model=tiny", "sampling.num_inference_steps=2", "limit=1", "seeds=[0,1]"]
-    result = evalkit("run", *tiny, "methods=[vanilla,attend_and_excite]", "scorer=[lpips_tiny,fid_tiny]",
+    result = evalkit("run", *tiny, "methods=[vanilla,composable_diffusion]", "scorer=[lpips_tiny,fid_tiny]",
                      tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     scores = tmp_path / "runs" / "default" / "scores"
