@@ -17,6 +17,7 @@ from evalkit import stages
 from evalkit.errors import EvalkitError
 from evalkit.manifest import PROJECT_ROOT
 from evalkit.sampling.method import build_method
+from evalkit.scoring.base import check_scorer
 
 COMMANDS = ("generate", "score", "report", "run", "bench")
 USAGE = f"usage: python -m evalkit {{{','.join(COMMANDS)}}} [overrides...] [--multirun]"
@@ -34,6 +35,8 @@ def run_all(cfg: DictConfig) -> None:
     method_configs = [_method_config(name) for name in cfg.methods]  # all known before any image is made
     for method in method_configs:
         build_method(OmegaConf.to_container(method, resolve=True))
+    for scorer in cfg.scorers.values():
+        check_scorer(OmegaConf.to_container(scorer, resolve=True), list(cfg.methods))
     for method in method_configs:
         run_cfg = cfg.copy()
         OmegaConf.update(run_cfg, "method", method, merge=False)

@@ -151,9 +151,20 @@ def _scores_path(cfg: DictConfig, scorer_key: str, manifest: dict) -> Path:
     return run_dir(cfg) / "scores" / scorer_key / f"{manifest['model']}__{manifest['variant']}__{manifest['dataset']}.csv"
 
 
+def _table_is_current(path: Path, scorer_name: str, wanted: list[tuple[str, int]]) -> bool:
+    """Whether the scores table at `path` was made by this scorer from every wanted (prompt_id, seed): per-image
+    rows cover them all, or a set-level table (rows without prompt_id) counts them all in `n_images`."""
+    done = pd.read_csv(path, dtype={"prompt_id": str})
+    if set(done["scorer"]) != {scorer_name}:
+        return False
+    if done["prompt_id"].isna().any():
+        return bool((done["n_images"] == len(wanted)).all())
+    return sorted(set(zip(done.prompt_id, done.seed))) == wanted
+
+
 def score(cfg: DictConfig) -> None:
     """Score every generated variant of the experiment with every configured scorer; finished tables are kept."""
-    from evalkit.scoring.base import ScoredImage, build_scorer
+    from evalkit.scoring.base import ScoredImage, ScoredSet, build_scorer
 
     store = ImageStore(project_path(cfg.store_root))
     device = resolve_device(cfg.device)
@@ -164,12 +175,11 @@ def score(cfg: DictConfig) -> None:
             out = _scores_path(cfg, scorer_key, manifest)
             keys = list(store.keys(manifest["model"], manifest["variant"], manifest["dataset"]))
             wanted = sorted((k.prompt_id, k.seed) for k in keys)
-            if out.is_file():
-                done = pd.read_csv(out, dtype={"prompt_id": str})
-                if set(done["scorer"]) == {scorer.name} and sorted(set(zip(done.prompt_id, done.seed))) == wanted:
-                    continue
+            if out.is_file() and _table_is_current(out, scorer.name, wanted):
+                continue
             specs = {s.id: s for s in load_prompt_set(project_path(manifest["dataset_path"]))}
             scorer.reset()
+            scorer.begin_set(ScoredSet(manifest, manifests, store))
             items, corrupt = [], []
             for key in tqdm(keys, desc=f"{scorer_key} {manifest['variant']}", unit="img"):
                 record = store.read_record(key)

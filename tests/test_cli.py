@@ -44,3 +44,23 @@ def test_multirun_over_seeds_then_score_and_report(tmp_path):
     html = (tmp_path / "report" / "index.html").read_text()
     assert "clip_full" in html and "vanilla" in html
     assert (tmp_path / "report" / "README.md").is_file()
+
+
+def test_lpips_and_fid_run_resume_in_a_multirun_and_reach_the_report(tmp_path):
+    tiny = ["model=tiny", "sampling.num_inference_steps=2", "limit=1", "seeds=[0,1]"]
+    result = evalkit("run", *tiny, "methods=[vanilla,composable_diffusion]", "scorer=[lpips_tiny,fid_tiny]",
+                     tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    scores = tmp_path / "runs" / "default" / "scores"
+    lpips_tables = sorted((scores / "lpips").glob("*.csv"))
+    assert len(lpips_tables) == 2 and len(list((scores / "fid").glob("*.csv"))) == 2
+    assert len(list((tmp_path / "fid_statistics").glob("*.npz"))) == 1  # next to the store
+    written = [table.stat().st_mtime_ns for table in lpips_tables]
+    for table in (scores / "fid").glob("*.csv"):
+        table.unlink()
+    result = evalkit("score", "--multirun", *tiny, "scorer=lpips_tiny,fid_tiny", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [table.stat().st_mtime_ns for table in lpips_tables] == written  # finished tables are kept
+    assert len(list((scores / "fid").glob("*.csv"))) == 2  # the fid job of the sweep scored again
+    readme = (tmp_path / "report" / "README.md").read_text()
+    assert "lpips_vs_vanilla ↓" in readme and "## Set-level results" in readme and "| fid ↓ |" in readme

@@ -3,6 +3,8 @@ baseline method, compute overhead and failure counts.
 
 Scores come as a "long" frame, one row per image and metric, with columns
 model, method, variant, dataset, prompt_id, seed, metric, value, scorer.
+Set-level metrics (FID) have one row per set instead, with prompt_id and seed empty and an `n_images` column;
+`split_set_level` separates them, and only per-image rows are bootstrapped or paired.
 """
 
 from __future__ import annotations
@@ -67,6 +69,25 @@ def _summarize_column(
 def summarize(scores: pd.DataFrame, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """One row per (model, dataset, variant, method, metric, scorer): n, mean, ci_low, ci_high."""
     return _summarize_column(scores, "value", "n", "mean", n_resamples, confidence, seed)
+
+
+def split_set_level(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-image rows, set-level rows): set-level rows are those without a prompt_id."""
+    set_level = scores["prompt_id"].isna()
+    return scores[~set_level], scores[set_level]
+
+
+def summarize_sets(set_rows: pd.DataFrame) -> pd.DataFrame:
+    """The set-level rows in `summarize`'s columns: n is the number of images in the set, mean the value, and the
+    interval NaN (one value per set, nothing to resample)."""
+    duplicated = set_rows.duplicated(SCORE_GROUP)
+    if duplicated.any():
+        raise ValueError(f"{int(duplicated.sum())} set-level scores are duplicated for one set, metric and scorer")
+    summary = set_rows[SCORE_GROUP].copy()
+    summary["n"] = set_rows["n_images"].astype(int) if len(set_rows) else pd.Series(dtype=int)
+    summary["mean"] = set_rows["value"].astype(float)
+    summary["ci_low"] = summary["ci_high"] = float("nan")
+    return summary.sort_values(SCORE_GROUP).reset_index(drop=True)
 
 
 def _baseline_rows(scores: pd.DataFrame, baseline_method: str) -> pd.DataFrame:

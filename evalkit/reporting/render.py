@@ -19,7 +19,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from evalkit.reporting.aggregate import SECONDS_METRIC, failures, paired_difference, relative_overhead, summarize
+from evalkit.reporting.aggregate import (
+    SECONDS_METRIC,
+    failures,
+    paired_difference,
+    relative_overhead,
+    split_set_level,
+    summarize,
+    summarize_sets,
+)
 
 PEAK_MEMORY_METRIC = "peak_memory_mb"
 # Compute metrics get their own table; the quality tables and paired differences leave them out.
@@ -154,6 +162,29 @@ def _results_sections(
         legend = "Cells: mean [low, high], the 95% bootstrap interval over images. ↑ higher is better, ↓ lower is better."
         sections[0].blocks.insert(0, Paragraph(legend))
     return sections
+
+
+def _set_level_section(
+    set_summary: pd.DataFrame, labels: VariantLabels, metric_labels: dict, metric_info: dict[str, bool]
+) -> Section | None:
+    if set_summary.empty:
+        return None
+    table_rows = [
+        [
+            row.dataset,
+            labels.label(row.model, row.variant),
+            metric_labels[(row.metric, row.scorer)] + _arrow(row.metric, metric_info),
+            MISSING if np.isnan(row.mean) else f"{row.mean:.3f}",
+            str(row.n),
+        ]
+        for row in set_summary.sort_values(["dataset", "model", "variant", "metric", "scorer"]).itertuples()
+    ]
+    note = (
+        "One value per set: computed once over all images of a variant on a dataset, so there is no per-image "
+        "interval. Compare values only between sets of the same size."
+    )
+    headers = ["dataset", "variant", "metric", "value", "images"]
+    return Section("Set-level results", [Paragraph(note), Table(headers, table_rows)])
 
 
 def _compute_section(summary: pd.DataFrame, overhead: pd.DataFrame, labels: VariantLabels) -> Section | None:
@@ -458,21 +489,26 @@ def write_report(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(scores)
+    per_image, set_level = split_set_level(scores)
+    summary = summarize(per_image)
+    set_summary = summarize_sets(set_level)
+    present = [frame for frame in (summary, set_summary) if not frame.empty]
+    all_summaries = pd.concat(present, ignore_index=True) if present else summary
     labels = VariantLabels([scores, records, image_paths], baseline_method)
-    metric_labels = _metric_labels(summary)
+    metric_labels = _metric_labels(all_summaries)
     quality = summary[~summary["metric"].isin(COMPUTE_METRICS)]
     sections = [
         *_results_sections(quality, labels, metric_labels, metric_info),
-        _compute_section(summary, relative_overhead(scores, baseline_method), labels),
+        _set_level_section(set_summary, labels, metric_labels, metric_info),
+        _compute_section(summary, relative_overhead(per_image, baseline_method), labels),
         _paired_section(
-            paired_difference(scores, baseline_method), labels, metric_labels, metric_info, baseline_method
+            paired_difference(per_image, baseline_method), labels, metric_labels, metric_info, baseline_method
         ),
-        None if references is None else _references_section(references, summary, labels, metric_labels),
+        None if references is None else _references_section(references, all_summaries, labels, metric_labels),
         _failures_section(records, labels),
-        _plots_section(out_dir, summary, labels, metric_labels, metric_info),
+        _plots_section(out_dir, all_summaries, labels, metric_labels, metric_info),
         _grids_section(out_dir, image_paths, records, labels, max_grids),
-        _scorers_section(summary),
+        _scorers_section(all_summaries),
         _manifests_section(manifests),
     ]
     sections = [section for section in sections if section is not None]

@@ -2,6 +2,10 @@
 
 Every row is one value of one metric for one image, keyed by (model, method, variant, dataset, prompt_id, seed), and
 carries the scorer's `name` so a results table says which model, checkpoint and preprocessing produced each value.
+A set-level metric (FID) gives one row per set instead: prompt_id and seed empty, and `n_images`, the number of
+images the value was computed from.
+The score stage scores one set at a time (one variant of one model on one dataset): `reset`, `begin_set`, `update`
+for batches of its images, `compute`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from PIL import Image
 
 from evalkit.errors import ConfigError
+from evalkit.store import ImageStore
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,15 @@ class ScoredImage:
     record: dict
 
 
+@dataclass(frozen=True)
+class ScoredSet:
+    """The set being scored, as its generation manifest describes it, and what else the experiment generated."""
+
+    manifest: dict
+    manifests: list[dict]  # every generated (model, variant, dataset) of the experiment, this one included
+    store: ImageStore
+
+
 class Scorer(ABC):
     """Base class of all scorers; subclasses set `metrics`, `name` and implement `update`."""
 
@@ -43,6 +57,15 @@ class Scorer(ABC):
     def __init__(self, device: torch.device):
         self.device = device
         self._rows: list[dict] = []
+
+    @classmethod
+    def check(cls, params: dict[str, Any], methods: list[str]) -> None:
+        """Raise ConfigError for what makes these parameters unusable in an experiment generating `methods`; called
+        before any image is generated, so it loads no model."""
+
+    def begin_set(self, scored_set: ScoredSet) -> None:
+        """Called after `reset`, before the set's images are passed to `update`; scorers that read more than the
+        images they are given (another variant's images) find it here."""
 
     @abstractmethod
     def update(self, items: list[ScoredImage]) -> None:
@@ -70,6 +93,22 @@ class Scorer(ABC):
             }
         )
 
+    def _set_row(self, scored_set: ScoredSet, metric: str, value: float, n_images: int) -> dict:
+        """The row of a set-level metric: no prompt_id or seed, and how many images the value comes from."""
+        manifest = scored_set.manifest
+        return {
+            "model": manifest["model"],
+            "method": manifest["method"],
+            "variant": manifest["variant"],
+            "dataset": manifest["dataset"],
+            "prompt_id": None,
+            "seed": None,
+            "metric": metric,
+            "value": float(value),
+            "scorer": self.name,
+            "n_images": n_images,
+        }
+
 
 SCORERS: dict[str, type[Scorer]] = {}
 
@@ -88,6 +127,8 @@ def scorer_class(name: str) -> type[Scorer]:
     """The registered scorer called `name`."""
     # Importing the scorer modules registers them; done here so that importing this module stays cheap.
     import evalkit.scoring.clip_score  # noqa: F401
+    import evalkit.scoring.fid  # noqa: F401
+    import evalkit.scoring.lpips_score  # noqa: F401
     import evalkit.scoring.overhead  # noqa: F401
 
     if name not in SCORERS:
@@ -95,8 +136,7 @@ def scorer_class(name: str) -> type[Scorer]:
     return SCORERS[name]
 
 
-def build_scorer(config: Mapping[str, Any], device: torch.device) -> Scorer:
-    """The scorer `config["name"]` names, built with the config's other keys as parameters, on `device`."""
+def _class_and_params(config: Mapping[str, Any]) -> tuple[type[Scorer], dict[str, Any]]:
     name = config.get("name")
     cls = scorer_class(name)
     params = {key: value for key, value in config.items() if key != "name"}
@@ -104,4 +144,17 @@ def build_scorer(config: Mapping[str, Any], device: torch.device) -> Scorer:
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise ConfigError(f"scorer {name}: unknown parameters {unknown}; it takes {sorted(accepted)}")
+    return cls, params
+
+
+def check_scorer(config: Mapping[str, Any], methods: list[str]) -> None:
+    """Raise ConfigError for a scorer config that cannot score an experiment generating `methods`, without
+    building the scorer (no model is loaded)."""
+    cls, params = _class_and_params(config)
+    cls.check(params, methods)
+
+
+def build_scorer(config: Mapping[str, Any], device: torch.device) -> Scorer:
+    """The scorer `config["name"]` names, built with the config's other keys as parameters, on `device`."""
+    cls, params = _class_and_params(config)
     return cls(device=device, **params)
