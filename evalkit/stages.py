@@ -80,6 +80,8 @@ def read_manifests(cfg: DictConfig) -> list[dict]:
 
 def generate(cfg: DictConfig) -> None:
     """Generate every (prompt, seed) of this method that the store does not hold yet (this shard's share)."""
+    from evalkit.scoring.base import scorer_class
+
     seeds = _seeds(cfg)
     shard_index, shard_count = _shard(cfg)
     dataset_path = project_path(cfg.dataset.path)
@@ -89,8 +91,11 @@ def generate(cfg: DictConfig) -> None:
     device = resolve_device(cfg.device)
     pipe = load_pipeline(cfg.model, device, cfg.sampling.scheduler)
     indexer = TokenIndexer(pipe.tokenizer)
+    scorer_classes = [scorer_class(scorer_cfg.name) for scorer_cfg in cfg.scorers.values()]
     for spec in specs:  # every prompt's annotations are checked before any image is generated
         method.check(spec, indexer)
+        for scorer_type in scorer_classes:
+            scorer_type.check_prompt(spec)
 
     store = ImageStore(project_path(cfg.store_root))
     variant, identity = variant_of(cfg)

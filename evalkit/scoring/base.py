@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from evalkit.errors import ConfigError
+from evalkit.prompts import PromptSpec
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,18 @@ class ScoredImage:
 class Scorer(ABC):
     """Base class of all scorers; subclasses set `metrics`, `name` and implement `update`."""
 
-    metrics: ClassVar[dict[str, bool]]  # metric name -> higher is better
+    # metric name -> higher is better; a family of metrics "name/<part>" (one per subject, say) is listed as "name/"
+    metrics: ClassVar[dict[str, bool]]
     needs_images: ClassVar[bool] = True
     name: str
 
     def __init__(self, device: torch.device):
         self.device = device
         self._rows: list[dict] = []
+
+    @classmethod
+    def check_prompt(cls, spec: PromptSpec) -> None:
+        """Raise PromptError if this scorer cannot score images of `spec` (called before any generation)."""
 
     @abstractmethod
     def update(self, items: list[ScoredImage]) -> None:
@@ -88,7 +94,9 @@ def scorer_class(name: str) -> type[Scorer]:
     """The registered scorer called `name`."""
     # Importing the scorer modules registers them; done here so that importing this module stays cheap.
     import evalkit.scoring.clip_score  # noqa: F401
+    import evalkit.scoring.detection  # noqa: F401
     import evalkit.scoring.overhead  # noqa: F401
+    import evalkit.scoring.text_similarity  # noqa: F401
 
     if name not in SCORERS:
         raise ConfigError(f"unknown scorer {name!r}; choose from {sorted(SCORERS)}")
