@@ -82,14 +82,14 @@ def test_decisions_match_transformers_post_processing(scorer):
     assert 0.0 < np.mean(rates) < 1.0  # mixed decisions: the comparison above can fail
 
 
-def test_batch_size_and_order_do_not_change_decisions(scorer):
+def test_batch_size_and_order_do_not_change_decisions(scorer, monkeypatch):
     scorer.reset()
     scorer.update(scored_images())
     all_at_once = rows_by_image(scorer.compute())
-    one_scorer = build_scorer({"name": "owlv2", "hub_id": "unused", "revision": "unused", "tiny": True,
-                               "threshold": THRESHOLD, "batch_size": 1}, CPU)
-    one_scorer.update(scored_images()[::-1])
-    assert rows_by_image(one_scorer.compute()) == all_at_once
+    monkeypatch.setattr(scorer, "batch_size", 1)
+    scorer.reset()
+    scorer.update(scored_images()[::-1])
+    assert rows_by_image(scorer.compute()) == all_at_once
 
 
 def test_rates_from_hand_built_detections(scorer, monkeypatch):
@@ -156,3 +156,22 @@ def test_real_checkpoint_offline_is_missing_weights(monkeypatch, tmp_path):
     with pytest.raises(MissingWeightsError, match="google/owlv2-base-patch16-ensemble@abc") as error:
         build_scorer({"name": "owlv2", "hub_id": "google/owlv2-base-patch16-ensemble", "revision": "abc"}, CPU)
     assert "\n" not in str(error.value) and "hf download" in str(error.value)
+
+
+def test_generate_refuses_prompts_without_subjects_before_any_image(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from evalkit import stages
+    from evalkit.manifest import PROJECT_ROOT
+
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text('{"id": "cat-dog", "prompt": "a cat and a dog", "subjects": ["cat", "dog"]}\n'
+                       '{"id": "lighthouse", "prompt": "a lonely lighthouse"}\n')
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "model=tiny", "scorer=[owlv2_tiny]", f"dataset.path={dataset}", f"store_root={tmp_path / 'store'}",
+            f"runs_root={tmp_path / 'runs'}", "sampling.num_inference_steps=1",
+        ])
+    with pytest.raises(PromptError, match="'lighthouse'.*subjects"):
+        stages.generate(cfg)
+    assert not (tmp_path / "store").exists()

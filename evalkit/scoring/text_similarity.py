@@ -99,7 +99,6 @@ class TextSimilarityScorer(Scorer):
         if batch_size < 1:
             raise ConfigError(f"scorer text_similarity: batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
-        self.clip = ClipScorer(device, model=clip_model, pretrained=clip_pretrained, tiny=tiny)
         if tiny:
             captioner, self.image_processor, self.tokenizer = _build_tiny_captioner()
             checkpoint = f"{TINY_MODEL_CONFIG.stem} (random weights, seed 0: a tiny stand-in, scores mean nothing)"
@@ -109,6 +108,8 @@ class TextSimilarityScorer(Scorer):
             checkpoint = f"{captioner_hub_id}@{captioner_revision[:12]} (transformers, fp32)"
             clip_checkpoint = f"{clip_model}/{clip_pretrained} (open_clip, fp32)"
         self.captioner = captioner.to(device).eval()
+        # The prompt side is the CLIP score's text embedding: same checkpoint, templates and code.
+        self.clip = ClipScorer(device, model=clip_model, pretrained=clip_pretrained, tiny=tiny)
         size = self.image_processor.size
         self.name = (
             f"text_similarity: BLIP caption by {checkpoint}, {size['height']}x{size['width']} bicubic, "
