@@ -86,16 +86,16 @@ def generate(cfg: DictConfig) -> None:
     shard_index, shard_count = _shard(cfg)
     dataset_path = project_path(cfg.dataset.path)
     specs = load_prompt_set(dataset_path, cfg.limit)
+    for scorer_cfg in cfg.scorers.values():  # what the scorers need of a prompt is checked before any model loads
+        for spec in specs:
+            scorer_class(scorer_cfg.name).check_prompt(spec)
     method = build_method(OmegaConf.to_container(cfg.method, resolve=True))
     settings = sampling_settings(cfg)
     device = resolve_device(cfg.device)
     pipe = load_pipeline(cfg.model, device, cfg.sampling.scheduler)
     indexer = TokenIndexer(pipe.tokenizer)
-    scorer_classes = [scorer_class(scorer_cfg.name) for scorer_cfg in cfg.scorers.values()]
     for spec in specs:  # every prompt's annotations are checked before any image is generated
         method.check(spec, indexer)
-        for scorer_type in scorer_classes:
-            scorer_type.check_prompt(spec)
 
     store = ImageStore(project_path(cfg.store_root))
     variant, identity = variant_of(cfg)
