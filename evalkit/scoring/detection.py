@@ -102,9 +102,11 @@ class Owlv2DetectionScorer(Scorer):
         else:
             model, self.processor = _load_hub(hub_id, revision)
             checkpoint = f"{hub_id}@{revision[:12]} (transformers, fp32)"
-        size = self.processor.image_processor.size
+        image_processor = self.processor.image_processor
+        size = image_processor.size
         self.name = (
-            f"owlv2 {checkpoint}, pad to square + resize {size['height']}x{size['width']}, "
+            f"owlv2 {checkpoint}, {type(image_processor).__name__}: pad to square + resize "
+            f"{size['height']}x{size['width']}, "
             f"queries {query_template!r} per subject, box score > {threshold}, success = every subject detected"
         )
         self.model = model.to(device).eval()
