@@ -80,10 +80,15 @@ def read_manifests(cfg: DictConfig) -> list[dict]:
 
 def generate(cfg: DictConfig) -> None:
     """Generate every (prompt, seed) of this method that the store does not hold yet (this shard's share)."""
+    from evalkit.scoring.base import scorer_class
+
     seeds = _seeds(cfg)
     shard_index, shard_count = _shard(cfg)
     dataset_path = project_path(cfg.dataset.path)
     specs = load_prompt_set(dataset_path, cfg.limit)
+    for scorer_cfg in cfg.scorers.values():  # what the scorers need of a prompt is checked before any model loads
+        for spec in specs:
+            scorer_class(scorer_cfg.name).check_prompt(spec)
     method = build_method(OmegaConf.to_container(cfg.method, resolve=True))
     settings = sampling_settings(cfg)
     device = resolve_device(cfg.device)

@@ -40,6 +40,15 @@ def resolve_dtype(model_cfg: Mapping[str, Any], device: torch.device) -> torch.d
     return DTYPES[model_cfg["dtype"]] if device.type == "cuda" else torch.float32
 
 
+def hub_weights_missing(owner: str, hub_id: str, revision: str, error: OSError) -> MissingWeightsError:
+    """The one-line error for hub weights that are neither cached nor downloadable; `owner` names who needs them."""
+    return MissingWeightsError(
+        f"{owner}: weights for {hub_id}@{revision} are not in the local Hugging Face cache "
+        f"and cannot be downloaded here; on a machine with network run "
+        f"`hf download {hub_id} --revision {revision}` and copy the cache (HF_HOME) here ({type(error).__name__})"
+    )
+
+
 def _load_hub_pipeline(model_cfg: Mapping[str, Any], dtype: torch.dtype) -> StableDiffusionPipeline:
     hub_id, revision = model_cfg["hub_id"], model_cfg["revision"]
     try:
@@ -52,11 +61,7 @@ def _load_hub_pipeline(model_cfg: Mapping[str, Any], dtype: torch.dtype) -> Stab
             requires_safety_checker=False,
         )
     except OSError as error:  # huggingface_hub raises OSError subclasses for missing files and no network
-        raise MissingWeightsError(
-            f"model {model_cfg['name']}: weights for {hub_id}@{revision} are not in the local Hugging Face cache "
-            f"and cannot be downloaded here; on a machine with network run "
-            f"`hf download {hub_id} --revision {revision}` and copy the cache (HF_HOME) here ({type(error).__name__})"
-        ) from None
+        raise hub_weights_missing(f"model {model_cfg['name']}", hub_id, revision, error) from None
 
 
 def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:

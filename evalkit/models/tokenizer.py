@@ -34,7 +34,7 @@ def _vocabulary_files() -> tuple[str, str]:
     return str(folder / "vocab.json"), str(folder / "merges.txt")
 
 
-def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
-    """SD-1.x's tokenizer: padding with <|endoftext|>, 77 positions."""
+def clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """SD-1.x's tokenizer by default: padding with <|endoftext|>, 77 positions (OWL-ViT/OWLv2 pad with "!" to 16)."""
     vocab_file, merges_file = _vocabulary_files()
-    return CLIPTokenizer(vocab_file, merges_file, model_max_length=model_max_length)
+    return CLIPTokenizer(vocab_file, merges_file, model_max_length=model_max_length, pad_token=pad_token)

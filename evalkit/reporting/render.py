@@ -120,9 +120,11 @@ def _metric_labels(summary: pd.DataFrame) -> dict[tuple[str, str], str]:
 
 
 def _arrow(metric: str, metric_info: dict[str, bool]) -> str:
-    if metric not in metric_info:
+    # A metric family ("detection/<subject>") is listed once, as "detection/".
+    higher_is_better = metric_info.get(metric, metric_info.get(metric.split("/")[0] + "/"))
+    if higher_is_better is None:
         return ""
-    return " ↑" if metric_info[metric] else " ↓"
+    return " ↑" if higher_is_better else " ↓"
 
 
 def _interval(mean: float, low: float, high: float, number_format: str = ".3f") -> str:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from evalkit.errors import ConfigError
+from evalkit.prompts import PromptSpec
 from evalkit.store import ImageStore
 
 
@@ -50,7 +51,8 @@ class ScoredSet:
 class Scorer(ABC):
     """Base class of all scorers; subclasses set `metrics`, `name` and implement `update`."""
 
-    metrics: ClassVar[dict[str, bool]]  # metric name -> higher is better
+    # metric name -> higher is better; a family of metrics "name/<part>" (one per subject, say) is listed as "name/"
+    metrics: ClassVar[dict[str, bool]]
     needs_images: ClassVar[bool] = True
     name: str
 
@@ -62,6 +64,10 @@ class Scorer(ABC):
     def check(cls, params: dict[str, Any], methods: list[str]) -> None:
         """Raise ConfigError for what makes these parameters unusable in an experiment generating `methods`; called
         before any image is generated, so it loads no model."""
+
+    @classmethod
+    def check_prompt(cls, spec: PromptSpec) -> None:
+        """Raise PromptError if this scorer cannot score images of `spec` (called before any generation)."""
 
     def begin_set(self, scored_set: ScoredSet) -> None:
         """Called after `reset`, before the set's images are passed to `update`; scorers that read more than the
@@ -129,7 +135,9 @@ def scorer_class(name: str) -> type[Scorer]:
     import evalkit.scoring.clip_score  # noqa: F401
     import evalkit.scoring.fid  # noqa: F401
     import evalkit.scoring.lpips_score  # noqa: F401
+    import evalkit.scoring.detection  # noqa: F401
     import evalkit.scoring.overhead  # noqa: F401
+    import evalkit.scoring.text_similarity  # noqa: F401
 
     if name not in SCORERS:
         raise ConfigError(f"unknown scorer {name!r}; choose from {sorted(SCORERS)}")

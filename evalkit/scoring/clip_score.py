@@ -123,12 +123,15 @@ class ClipScorer(Scorer):
     def text_embedding(self, text: str) -> torch.Tensor:
         """The template-ensemble embedding of `text`, unit norm, shape (embed_dim,); cached per text."""
         if text not in self._text_embeddings:
-            tokens = self.tokenizer(template_texts(text)).to(self.device)
-            embeddings = self.model.encode_text(tokens).float()
-            embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True)
-            mean_embedding = embeddings.mean(dim=0)
+            mean_embedding = self.plain_text_embeddings(template_texts(text)).mean(dim=0)
             self._text_embeddings[text] = mean_embedding / mean_embedding.norm()
         return self._text_embeddings[text]
+
+    @torch.no_grad()
+    def plain_text_embeddings(self, texts: list[str]) -> torch.Tensor:
+        """Unit-norm embeddings of `texts` as given (no templates), shape (len(texts), embed_dim)."""
+        embeddings = self.model.encode_text(self.tokenizer(texts).to(self.device)).float()
+        return embeddings / embeddings.norm(dim=-1, keepdim=True)
 
     @torch.no_grad()
     def image_embeddings(self, images: list) -> torch.Tensor:

@@ -1,0 +1,152 @@
+"""OWLv2 detection rate, the "Det.Rate" of Attention Regulation (Zhang et al. 2024), through transformers.
+
+Attention Regulation released no evaluation code and its paper does not give the detector's settings, so these are
+our choices (configuration, see conf/scorer/owlv2.yaml):
+- detector: `google/owlv2-base-patch16-ensemble` with its own processor (pad to a square, resize to 960 px);
+- text queries: the prompt's subject nouns (`subjects` in the dataset), each formatted with `query_template`
+  (default "{}", the bare noun), a repeated subject queried once;
+- a box counts for the query it scores highest on, with score sigmoid(max logit) above `threshold` (default 0.1):
+  exactly transformers' `post_process_object_detection`, with no NMS;
+- an image succeeds when every subject has at least one box.
+
+Rows per image: `detection_rate` (1 or 0: every subject found) and, for each of its subjects,
+`detection/<subject>` (1 or 0). Their means over images are the detection rate and the per-subject rates; one
+metric per subject keeps one row per (image, metric), so paired differences against the baseline work unchanged.
+
+Images that share their queries are batched together: transformers pads shorter query lists of a batch with " "
+queries that compete for the boxes, which would make an image's result depend on its batch neighbours.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+from evalkit.errors import ConfigError, PromptError
+from evalkit.models.loading import hub_weights_missing
+from evalkit.models.tokenizer import clip_tokenizer
+from evalkit.prompts import PromptSpec
+from evalkit.scoring.base import ScoredImage, Scorer, register_scorer
+
+TINY_MODEL_CONFIG = Path(__file__).parent / "model_configs" / "tiny-owlv2.json"
+RATE_METRIC = "detection_rate"
+SUBJECT_METRIC_PREFIX = "detection/"
+# OWL-ViT and OWLv2 checkpoints tokenize queries into 16 positions padded with "!" (token id 0).
+QUERY_LENGTH = 16
+QUERY_PAD_TOKEN = "!"
+
+
+def unique_subjects(subjects: tuple[str, ...]) -> tuple[str, ...]:
+    """The subjects in order, each once: one query per distinct noun."""
+    return tuple(dict.fromkeys(subjects))
+
+
+def subject_detections(subjects: tuple[str, ...], box_labels: list[int]) -> dict[str, bool]:
+    """Whether each distinct subject has a box: `box_labels` are the query indices of the kept boxes."""
+    found = set(box_labels)
+    return {subject: index in found for index, subject in enumerate(unique_subjects(subjects))}
+
+
+def _build_tiny() -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
+    config = Owlv2Config(**json.loads(TINY_MODEL_CONFIG.read_text()))
+    torch.manual_seed(0)
+    model = Owlv2ForObjectDetection(config)
+    side = config.vision_config.image_size
+    processor = Owlv2Processor(
+        image_processor=Owlv2ImageProcessor(size={"height": side, "width": side}),
+        tokenizer=clip_tokenizer(QUERY_LENGTH, pad_token=QUERY_PAD_TOKEN),
+    )
+    return model, processor
+
+
+def _load_hub(hub_id: str, revision: str) -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
+    try:
+        processor = Owlv2Processor.from_pretrained(hub_id, revision=revision)
+        model = Owlv2ForObjectDetection.from_pretrained(hub_id, revision=revision)
+    except OSError as error:  # huggingface_hub raises OSError subclasses for missing files and no network
+        raise hub_weights_missing("scorer owlv2", hub_id, revision, error) from None
+    return model, processor
+
+
+@register_scorer("owlv2")
+class Owlv2DetectionScorer(Scorer):
+    metrics = {RATE_METRIC: True, SUBJECT_METRIC_PREFIX: True}
+
+    def __init__(
+        self,
+        device: torch.device,
+        hub_id: str,
+        revision: str,
+        threshold: float = 0.1,
+        query_template: str = "{}",
+        tiny: bool = False,
+        batch_size: int = 16,
+    ):
+        super().__init__(device)
+        if batch_size < 1:
+            raise ConfigError(f"scorer owlv2: batch_size must be at least 1, got {batch_size}")
+        if not 0.0 <= threshold < 1.0:
+            raise ConfigError(f"scorer owlv2: threshold is a score in [0, 1), got {threshold}")
+        if query_template.count("{}") != 1:
+            raise ConfigError(f"scorer owlv2: query_template must contain one {{}} for the noun, got {query_template!r}")
+        self.threshold = threshold
+        self.query_template = query_template
+        self.batch_size = batch_size
+        if tiny:
+            model, self.processor = _build_tiny()
+            checkpoint = f"{TINY_MODEL_CONFIG.stem} (random weights, seed 0: a tiny stand-in, detections mean nothing)"
+        else:
+            model, self.processor = _load_hub(hub_id, revision)
+            checkpoint = f"{hub_id}@{revision[:12]} (transformers, fp32)"
+        image_processor = self.processor.image_processor
+        size = image_processor.size
+        self.name = (
+            f"owlv2 {checkpoint}, {type(image_processor).__name__}: pad to square + resize "
+            f"{size['height']}x{size['width']}, "
+            f"queries {query_template!r} per subject, box score > {threshold}, success = every subject detected"
+        )
+        self.model = model.to(device).eval()
+
+    @classmethod
+    def check_prompt(cls, spec: PromptSpec) -> None:
+        if not spec.subjects:
+            raise PromptError(
+                f"prompt {spec.id!r}: the owlv2 scorer queries the prompt's subject nouns, and it lists none; "
+                f"add \"subjects\" to its dataset row: {spec.prompt!r}"
+            )
+
+    def queries(self, subjects: tuple[str, ...]) -> list[str]:
+        return [self.query_template.format(subject) for subject in unique_subjects(subjects)]
+
+    @torch.no_grad()
+    def box_labels(self, images: list, queries: list[str]) -> list[list[int]]:
+        """For each image, the query index of every box scoring above the threshold (all images share `queries`)."""
+        inputs = self.processor(text=[queries] * len(images), images=images, return_tensors="pt").to(self.device)
+        outputs = self.model(**inputs)
+        detections = self.processor.image_processor.post_process_object_detection(outputs, threshold=self.threshold)
+        return [detection["labels"].tolist() for detection in detections]
+
+    def update(self, items: list[ScoredImage]) -> None:
+        """Score the items whose generation succeeded; failed generations have no image and get no rows."""
+        scored = [item for item in items if item.record["status"] == "ok"]
+        by_subjects: dict[tuple[str, ...], list[ScoredImage]] = {}
+        for item in scored:
+            if item.image is None:
+                raise ValueError(f"owlv2 scorer needs images; {item.prompt_id} seed {item.seed} was passed without one")
+            self.check_prompt(PromptSpec(item.prompt_id, item.prompt, item.subjects))
+            by_subjects.setdefault(unique_subjects(item.subjects), []).append(item)
+        with tqdm(total=len(scored), desc="owlv2 detection", unit="image") as progress:
+            for subjects, group in by_subjects.items():
+                queries = self.queries(subjects)
+                for start in range(0, len(group), self.batch_size):
+                    batch = group[start : start + self.batch_size]
+                    for item, labels in zip(batch, self.box_labels([item.image for item in batch], queries)):
+                        found = subject_detections(subjects, labels)
+                        self._add_row(item, RATE_METRIC, float(all(found.values())))
+                        for subject, detected in found.items():
+                            self._add_row(item, SUBJECT_METRIC_PREFIX + subject, float(detected))
+                    progress.update(len(batch))
