@@ -80,6 +80,8 @@ def read_manifests(cfg: DictConfig) -> list[dict]:
 
 def generate(cfg: DictConfig) -> None:
     """Generate every (prompt, seed) of this method that the store does not hold yet (this shard's share)."""
+    from evalkit.scoring.base import scorer_class
+
     seeds = _seeds(cfg)
     shard_index, shard_count = _shard(cfg)
     dataset_path = project_path(cfg.dataset.path)
@@ -91,6 +93,8 @@ def generate(cfg: DictConfig) -> None:
     indexer = TokenIndexer(pipe.tokenizer)
     for spec in specs:  # every prompt's annotations are checked before any image is generated
         method.check(spec, indexer)
+    for scorer_cfg in cfg.scorers.values():  # ... and what the scorers need of it
+        scorer_class(scorer_cfg.name).check_prompts(OmegaConf.to_container(scorer_cfg, resolve=True), specs)
 
     store = ImageStore(project_path(cfg.store_root))
     variant, identity = variant_of(cfg)

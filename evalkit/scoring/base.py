@@ -9,12 +9,13 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from PIL import Image
 
 from evalkit.errors import ConfigError
+from evalkit.prompts import PromptSpec
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class Scorer(ABC):
     @abstractmethod
     def update(self, items: list[ScoredImage]) -> None:
         """Score `items` and keep their rows until `compute`."""
+
+    @classmethod
+    def check_prompts(cls, config: Mapping[str, Any], specs: Sequence[PromptSpec]) -> None:
+        """Raise an error naming the first prompt this scorer (built from `config`) could not score; generation
+        calls it before making any image. Most scorers can score any prompt."""
 
     def compute(self) -> list[dict]:
         """The rows of every item passed to `update` since the last `reset`."""
@@ -89,6 +95,7 @@ def scorer_class(name: str) -> type[Scorer]:
     # Importing the scorer modules registers them; done here so that importing this module stays cheap.
     import evalkit.scoring.clip_score  # noqa: F401
     import evalkit.scoring.overhead  # noqa: F401
+    import evalkit.scoring.tifa  # noqa: F401
 
     if name not in SCORERS:
         raise ConfigError(f"unknown scorer {name!r}; choose from {sorted(SCORERS)}")
