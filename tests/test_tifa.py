@@ -125,37 +125,55 @@ def test_nearest_choice_is_sentence_transformers_cosine_argmax(tmp_path):
     assert len({choices.index(mapper(answer, choices)) for answer, choices in cases}) > 1
 
 
-# (3) End to end on the tiny stand-ins.
+# (3) End to end on the tiny stand-ins, against tifascore itself run on the same tiny models (fixtures/tifa/README.md).
+
+TIFASCORE_TINY = json.loads((FIXTURES / "tifascore_tiny.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def tiny_scorer() -> TifaScorer:
-    return build_scorer(tiny_config(batch_size=3), CPU)
+    config = tiny_config(batch_size=3)
+    return build_scorer({**config, "vqa": {**config["vqa"], "max_length": 50}}, CPU)  # tifascore's max_length
 
 
-def test_tiny_end_to_end_matches_one_question_at_a_time(tiny_scorer):
-    """Batched scoring equals tifascore's loop: one question per generate call, then map and score."""
+def test_tiny_scorer_equals_tifascore_on_the_same_models(tiny_scorer, monkeypatch):
+    """Batched answers (3 per generate call, grouped by question length), the mapping and the scores equal
+    tifascore's `tifa_score_single`, which asks one question per call, under transformers 4.39."""
     items = demo_items()
+    asked = []
+    answer = tiny_scorer.vqa.answer
+
+    def recording_answer(images, questions):
+        asked.append(answer(images, questions))
+        return asked[-1]
+
+    monkeypatch.setattr(tiny_scorer.vqa, "answer", recording_answer)
     tiny_scorer.reset()
     tiny_scorer.update(items)
     rows = tiny_scorer.compute()
-    vqa = tiny_scorer.vqa
+
+    expected = TIFASCORE_TINY["tifa_score_single"]
     questions = load_questions(DEMO_QUESTIONS)
-    expected = []
-    for item in items:
-        scores, type_scores = [], {}
-        for entry in questions[item.prompt_id]:
-            inputs = vqa.processor(images=item.image, text=entry["question"], return_tensors="pt")
-            answer = vqa.processor.batch_decode(vqa.model.generate(**inputs, max_length=vqa.max_length), skip_special_tokens=True)[0]
-            choice = answer if answer in entry["choices"] else tiny_scorer.to_choice(answer, entry["choices"])
-            scores.append(int(choice == entry["answer"]))
-            type_scores.setdefault(entry["element_type"], []).append(scores[-1])
-        expected.append((item.prompt_id, item.seed, "tifa", np.mean(scores)))
-        expected += [(item.prompt_id, item.seed, type_metric(t), np.mean(s)) for t, s in type_scores.items()]
-    assert [(r["prompt_id"], r["seed"], r["metric"], r["value"]) for r in rows] == expected
+    entries = [entry for item in items for entry in questions[item.prompt_id]]
+    (answers,) = asked
+    result = score_answers(entries, answers, tiny_scorer.to_choice)
+    assert result.question_details == {text_id: run["question_details"] for text_id, run in expected.items()}
+    assert len(set(answers)) > 5  # the stand-in's answers differ between images and questions
+    assert {(r["prompt_id"], r["value"]) for r in rows if r["metric"] == "tifa"} == {
+        (text_id, run["tifa_score"]) for text_id, run in expected.items()
+    }
+    assert {(r["prompt_id"], r["metric"]) for r in rows} == {
+        (e["id"], metric) for e in entries for metric in ("tifa", type_metric(e["element_type"]))
+    }
     assert {r["scorer"] for r in rows} == {tiny_scorer.name}
-    assert all(r["metric"] in TifaScorer.metrics for r in rows)
     assert "tiny" in tiny_scorer.name and "demo_tifa_questions.json" in tiny_scorer.name
+
+
+def test_nearest_choice_equals_tifascore_sbert():
+    mapper = NearestChoice(*tiny_sentence_encoder(), CPU)
+    for case in TIFASCORE_TINY["multiple_choice"]:
+        assert mapper(case["answer"], case["choices"]) == case["choice"]
+        torch.testing.assert_close(mapper.embed(case["choices"]), torch.tensor(case["choice_embeddings"]), atol=1e-6, rtol=0)
 
 
 def test_failed_generations_get_no_rows(tiny_scorer):

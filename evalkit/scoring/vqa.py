@@ -57,7 +57,9 @@ def build_vqa_backend(config: Mapping[str, Any], device: torch.device, batch_siz
 
 
 # The tiny BLIP: BLIP's layout (ViT image encoder, BERT question encoder and answer decoder) at toy sizes, with
-# 32 px images so that a CPU test runs in seconds.
+# 32 px images so that a CPU test runs in seconds. BlipVisionConfig's default initializer_range (1e-10) would make
+# answers ignore the image, and BERT's 0.02 makes a random decoder give one answer to every question; these
+# ranges make answers differ between images and questions.
 TINY_BLIP_IMAGE_SIZE = 32
 TINY_BLIP_DECODER_START = "[DEC]"  # BLIP's bos token, the answer decoder's first input
 
@@ -67,11 +69,11 @@ def _tiny_blip(seed: int = 0) -> tuple[BlipForQuestionAnswering, BlipProcessor]:
     text_config = dict(
         vocab_size=len(tokenizer), hidden_size=32, encoder_hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=SPECIAL_TOKENS.index("[PAD]"), sep_token_id=SPECIAL_TOKENS.index("[SEP]"),
+        pad_token_id=SPECIAL_TOKENS.index("[PAD]"), sep_token_id=SPECIAL_TOKENS.index("[SEP]"), initializer_range=0.2,
     )
     vision_config = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=TINY_BLIP_IMAGE_SIZE, patch_size=8,
+        image_size=TINY_BLIP_IMAGE_SIZE, patch_size=8, initializer_range=0.02,
     )
     torch.manual_seed(seed)
     model = BlipForQuestionAnswering(BlipConfig(text_config=text_config, vision_config=vision_config))
