@@ -1,3 +1,4 @@
+import collections
 import dataclasses
 import json
 import statistics
@@ -258,3 +259,26 @@ def test_real_checkpoints_offline_are_missing_weights(monkeypatch, tmp_path):
     with pytest.raises(MissingWeightsError, match="Salesforce/blip-vqa-capfilt-large@c6af15b") as error:
         build_scorer({**config, "questions": str(DEMO_QUESTIONS)}, CPU)
     assert "\n" not in str(error.value) and "hf download" in str(error.value)
+
+
+# The TIFA v1.0 prompt set.
+
+TIFA_V1 = PROJECT_ROOT / "datasets" / "tifa_v1.jsonl"
+UPSTREAM_TEXT_INPUTS = PROJECT_ROOT.parent / "shared" / "data" / "tifa" / "tifa_v1.0_text_inputs.json"
+
+
+def test_tifa_v1_prompt_set_links_to_tifa_questions():
+    specs = load_prompt_set(TIFA_V1)
+    assert collections.Counter(s.extra["source"] for s in specs) == {"coco": 2000, "partiprompt": 1420, "paintskill": 500, "drawbench": 161}
+    sample = load_questions(FIXTURES / "sample_question_answers.json")
+    linked = [s for s in specs if s.id in sample]
+    assert len(linked) == len(sample) == 2
+    TifaScorer.check_prompts({"questions": str(FIXTURES / "sample_question_answers.json")}, linked)
+
+
+@pytest.mark.skipif(not UPSTREAM_TEXT_INPUTS.is_file(), reason="needs ../shared/data beside the checkout")
+def test_tifa_v1_prompt_set_is_the_upstream_file_verbatim():
+    upstream = json.loads(UPSTREAM_TEXT_INPUTS.read_text())
+    assert [(s.id, s.prompt, s.extra.get("coco_val_id")) for s in load_prompt_set(TIFA_V1)] == [
+        (e["id"], e["caption"], e.get("coco_val_id")) for e in upstream
+    ]

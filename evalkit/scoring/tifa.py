@@ -1,5 +1,5 @@
 """TIFA (Hu et al., ICCV 2023) as tifascore computes it (Yushi-Hu/tifa@8e37050: tifa_score.py, vqa_models.py,
-mc_sbert.py), the faithfulness score CONFORM reports.
+mc_sbert.py); CONFORM reports it.
 
 Every prompt has multiple-choice questions about its caption (TIFA v1.0 question/answer JSON format). For each
 question a VQA model answers freely; an answer that is one of the question's `choices` (exact string) is kept, any
@@ -16,8 +16,9 @@ counts, a repeated question as often as it occurs. Per image:
 
 Questions link to prompts by id: a question's "id" is the prompt id and its "caption" must be the prompt, so a
 question file cannot be paired with the wrong prompt set. A prompt without questions is an error before generation.
-The VQA model is pluggable (evalkit/scoring/vqa.py); TIFA's default mPLUG-large needs ModelScope, so evalkit's
-default is tifascore's "blip-large" option, which gives different (published as lower) scores than mPLUG.
+The VQA model is pluggable (evalkit/scoring/vqa.py). tifascore's default and recommended mPLUG-large needs
+ModelScope, so evalkit's default is tifascore's "blip-large" option; its scores differ from mPLUG's, so compare
+TIFA numbers only under the same VQA model.
 """
 
 from __future__ import annotations
