@@ -96,6 +96,8 @@ def generate(cfg: DictConfig) -> None:
     indexer = TokenIndexer(pipe.tokenizer)
     for spec in specs:  # every prompt's annotations are checked before any image is generated
         method.check(spec, indexer)
+    for scorer_cfg in cfg.scorers.values():  # ... and what the scorers need of it
+        scorer_class(scorer_cfg.name).check_prompts(OmegaConf.to_container(scorer_cfg, resolve=True), specs)
 
     store = ImageStore(project_path(cfg.store_root))
     variant, identity = variant_of(cfg)

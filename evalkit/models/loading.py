@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from diffusers import (
@@ -40,28 +40,21 @@ def resolve_dtype(model_cfg: Mapping[str, Any], device: torch.device) -> torch.d
     return DTYPES[model_cfg["dtype"]] if device.type == "cuda" else torch.float32
 
 
-def hub_weights_missing(owner: str, hub_id: str, revision: str, error: OSError) -> MissingWeightsError:
-    """The one-line error for hub weights that are neither cached nor downloadable; `owner` names who needs them."""
-    return MissingWeightsError(
-        f"{owner}: weights for {hub_id}@{revision} are not in the local Hugging Face cache "
-        f"and cannot be downloaded here; on a machine with network run "
-        f"`hf download {hub_id} --revision {revision}` and copy the cache (HF_HOME) here ({type(error).__name__})"
-    )
-
-
 def _load_hub_pipeline(model_cfg: Mapping[str, Any], dtype: torch.dtype) -> StableDiffusionPipeline:
     hub_id, revision = model_cfg["hub_id"], model_cfg["revision"]
-    try:
-        return StableDiffusionPipeline.from_pretrained(
+    return load_from_hub(
+        f"model {model_cfg['name']}",
+        hub_id,
+        revision,
+        lambda: StableDiffusionPipeline.from_pretrained(
             hub_id,
             revision=revision,
             torch_dtype=dtype,
             use_safetensors=True,
             safety_checker=None,
             requires_safety_checker=False,
-        )
-    except OSError as error:  # huggingface_hub raises OSError subclasses for missing files and no network
-        raise hub_weights_missing(f"model {model_cfg['name']}", hub_id, revision, error) from None
+        ),
+    )
 
 
 def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
@@ -84,3 +77,15 @@ def load_pipeline(model_cfg: Mapping[str, Any], device: torch.device, scheduler:
     set_scheduler(pipe, scheduler or model_cfg["scheduler"])
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def load_from_hub(what: str, hub_id: str, revision: str, load: Callable[[], Any]) -> Any:
+    """`load()`, turning the OSError of weights that are neither cached nor downloadable into MissingWeightsError."""
+    try:
+        return load()
+    except OSError as error:  # huggingface_hub and transformers raise OSError subclasses for missing files
+        raise MissingWeightsError(
+            f"{what}: weights for {hub_id}@{revision} are not in the local Hugging Face cache and cannot be "
+            f"downloaded here; on a machine with network run `hf download {hub_id} --revision {revision}` and copy "
+            f"the cache (HF_HOME) here ({type(error).__name__})"
+        ) from None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -77,6 +77,11 @@ class Scorer(ABC):
     def update(self, items: list[ScoredImage]) -> None:
         """Score `items` and keep their rows until `compute`."""
 
+    @classmethod
+    def check_prompts(cls, config: Mapping[str, Any], specs: Sequence[PromptSpec]) -> None:
+        """Raise an error naming the first prompt this scorer (built from `config`) could not score; generation
+        calls it before making any image. Most scorers can score any prompt."""
+
     def compute(self) -> list[dict]:
         """The rows of every item passed to `update` since the last `reset`."""
         return list(self._rows)
@@ -138,6 +143,7 @@ def scorer_class(name: str) -> type[Scorer]:
     import evalkit.scoring.detection  # noqa: F401
     import evalkit.scoring.overhead  # noqa: F401
     import evalkit.scoring.text_similarity  # noqa: F401
+    import evalkit.scoring.tifa  # noqa: F401
 
     if name not in SCORERS:
         raise ConfigError(f"unknown scorer {name!r}; choose from {sorted(SCORERS)}")

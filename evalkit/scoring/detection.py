@@ -27,7 +27,7 @@ from tqdm import tqdm
 from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
 from evalkit.errors import ConfigError, PromptError
-from evalkit.models.loading import hub_weights_missing
+from evalkit.models.loading import load_from_hub
 from evalkit.models.tokenizer import clip_tokenizer
 from evalkit.prompts import PromptSpec
 from evalkit.scoring.base import ScoredImage, Scorer, register_scorer
@@ -64,11 +64,8 @@ def _build_tiny() -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
 
 
 def _load_hub(hub_id: str, revision: str) -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
-    try:
-        processor = Owlv2Processor.from_pretrained(hub_id, revision=revision)
-        model = Owlv2ForObjectDetection.from_pretrained(hub_id, revision=revision)
-    except OSError as error:  # huggingface_hub raises OSError subclasses for missing files and no network
-        raise hub_weights_missing("scorer owlv2", hub_id, revision, error) from None
+    processor = load_from_hub("scorer owlv2", hub_id, revision, lambda: Owlv2Processor.from_pretrained(hub_id, revision=revision))
+    model = load_from_hub("scorer owlv2", hub_id, revision, lambda: Owlv2ForObjectDetection.from_pretrained(hub_id, revision=revision))
     return model, processor
 
 

@@ -31,7 +31,7 @@ from transformers import AutoTokenizer, BertTokenizer, BlipConfig, BlipForCondit
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from evalkit.errors import ConfigError
-from evalkit.models.loading import hub_weights_missing
+from evalkit.models.loading import load_from_hub
 from evalkit.scoring.base import ScoredImage, Scorer, register_scorer
 from evalkit.scoring.clip_score import ClipScorer
 
@@ -160,12 +160,10 @@ def _build_tiny_captioner():
 
 
 def _load_hub_captioner(hub_id: str, revision: str):
-    try:
-        image_processor = BlipImageProcessorPil.from_pretrained(hub_id, revision=revision)
-        tokenizer = AutoTokenizer.from_pretrained(hub_id, revision=revision)
-        model = BlipForConditionalGeneration.from_pretrained(hub_id, revision=revision)
-    except OSError as error:  # huggingface_hub raises OSError subclasses for missing files and no network
-        raise hub_weights_missing("scorer text_similarity", hub_id, revision, error) from None
+    what = "scorer text_similarity"
+    image_processor = load_from_hub(what, hub_id, revision, lambda: BlipImageProcessorPil.from_pretrained(hub_id, revision=revision))
+    tokenizer = load_from_hub(what, hub_id, revision, lambda: AutoTokenizer.from_pretrained(hub_id, revision=revision))
+    model = load_from_hub(what, hub_id, revision, lambda: BlipForConditionalGeneration.from_pretrained(hub_id, revision=revision))
     return model, image_processor, tokenizer
 
 

@@ -1,0 +1,143 @@
+"""Visual question answering backends for TIFA: free-form answers to (image, question) pairs.
+
+A backend is registered under a name and chosen by the TIFA scorer's `vqa.backend`. TIFA's own default, mPLUG-large,
+runs only through ModelScope (plus fairseq), which evalkit does not depend on; `blip` is tifascore's "blip-large"
+option (vqa_models.py, class BLIP) through transformers. Another model (mPLUG, GIT, ...) is one more
+`@register_vqa_backend` class with the same `from_config` and `answer`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from typing import Any, Callable, Mapping
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+from transformers import AutoTokenizer, BlipConfig, BlipForQuestionAnswering, BlipProcessor
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+from evalkit.errors import ConfigError
+from evalkit.models.loading import load_from_hub
+from evalkit.models.wordpiece import SPECIAL_TOKENS, tiny_wordpiece_tokenizer
+
+
+class VQABackend(ABC):
+    """Answers questions about images; `name` says which model, checkpoint and decoding."""
+
+    name: str
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: Mapping[str, Any], device: torch.device, batch_size: int, tiny: bool) -> "VQABackend":
+        """The backend `config` describes (its keys other than `backend`), or its tiny seeded stand-in."""
+
+    @abstractmethod
+    def answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
+        """The free-form answer to each (images[i], questions[i])."""
+
+
+VQA_BACKENDS: dict[str, type[VQABackend]] = {}
+
+
+def register_vqa_backend(name: str) -> Callable[[type[VQABackend]], type[VQABackend]]:
+    def register(backend_class: type[VQABackend]) -> type[VQABackend]:
+        VQA_BACKENDS[name] = backend_class
+        return backend_class
+
+    return register
+
+
+def build_vqa_backend(config: Mapping[str, Any], device: torch.device, batch_size: int, tiny: bool) -> VQABackend:
+    name = config.get("backend")
+    if name not in VQA_BACKENDS:
+        raise ConfigError(f"scorer tifa: unknown vqa backend {name!r}; choose from {sorted(VQA_BACKENDS)}")
+    return VQA_BACKENDS[name].from_config({k: v for k, v in config.items() if k != "backend"}, device, batch_size, tiny)
+
+
+# The tiny BLIP: BLIP's layout (ViT image encoder, BERT question encoder and answer decoder) at toy sizes, with
+# 32 px images so that a CPU test runs in seconds. BlipVisionConfig's default initializer_range (1e-10) would make
+# answers ignore the image, and BERT's 0.02 makes a random decoder give one answer to every question; these
+# ranges make answers differ between images and questions.
+TINY_BLIP_IMAGE_SIZE = 32
+TINY_BLIP_DECODER_START = "[DEC]"  # BLIP's bos token, the answer decoder's first input
+
+
+def _tiny_blip(seed: int = 0) -> tuple[BlipForQuestionAnswering, BlipProcessor]:
+    tokenizer = tiny_wordpiece_tokenizer((TINY_BLIP_DECODER_START,), bos_token=TINY_BLIP_DECODER_START)
+    text_config = dict(
+        vocab_size=len(tokenizer), hidden_size=32, encoder_hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=SPECIAL_TOKENS.index("[PAD]"), sep_token_id=SPECIAL_TOKENS.index("[SEP]"), initializer_range=0.2,
+    )
+    vision_config = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=TINY_BLIP_IMAGE_SIZE, patch_size=8, initializer_range=0.02,
+    )
+    torch.manual_seed(seed)
+    model = BlipForQuestionAnswering(BlipConfig(text_config=text_config, vision_config=vision_config))
+    image_processor = BlipImageProcessorPil(size={"height": TINY_BLIP_IMAGE_SIZE, "width": TINY_BLIP_IMAGE_SIZE})
+    return model, BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+@register_vqa_backend("blip")
+class BlipVQA(VQABackend):
+    """BLIP VQA as tifascore runs it: processor(image, question), greedy `generate(max_length=50)`, special
+    tokens dropped from the decoded answer; fp32, PIL image preprocessing (transformers 4's processor).
+
+    tifascore asks one question at a time. BLIP's answer decoder cross-attends to every position of the encoded
+    question, padding included, so padded batches would change answers: questions are batched only with questions
+    of the same token length.
+    """
+
+    def __init__(self, model: BlipForQuestionAnswering, processor: BlipProcessor, name: str, device: torch.device,
+                 max_length: int, batch_size: int):
+        if batch_size < 1:
+            raise ConfigError(f"scorer tifa: batch_size must be at least 1, got {batch_size}")
+        self.model = model.to(device).eval()
+        self.processor = processor
+        self.name = name
+        self.device = device
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], device: torch.device, batch_size: int, tiny: bool) -> "BlipVQA":
+        unknown = sorted(set(config) - {"hub_id", "revision", "max_length"})
+        if unknown:
+            raise ConfigError(f"scorer tifa: unknown blip vqa parameters {unknown}; it takes hub_id, revision, max_length")
+        max_length = int(config.get("max_length", 50))
+        if tiny:
+            model, processor = _tiny_blip()
+            name = f"tiny BLIP VQA (random weights, seed 0: a stand-in, answers mean nothing), greedy, max_length {max_length}"
+            return cls(model, processor, name, device, max_length, batch_size)
+        hub_id, revision = config["hub_id"], config["revision"]
+        what = "scorer tifa (vqa)"
+        model = load_from_hub(what, hub_id, revision, lambda: BlipForQuestionAnswering.from_pretrained(hub_id, revision=revision))
+        processor = load_from_hub(what, hub_id, revision, lambda: BlipProcessor(
+            image_processor=BlipImageProcessorPil.from_pretrained(hub_id, revision=revision),
+            tokenizer=AutoTokenizer.from_pretrained(hub_id, revision=revision),
+        ))
+        name = f"BLIP VQA {hub_id}@{revision[:7]} (transformers, fp32), greedy, max_length {max_length}"
+        return cls(model, processor, name, device, max_length, batch_size)
+
+    @torch.no_grad()
+    def answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for index, question in enumerate(questions):
+            by_length[len(self.processor.tokenizer(question).input_ids)].append(index)
+        answers: list[str | None] = [None] * len(questions)
+        with tqdm(total=len(questions), desc="tifa vqa", unit="question") as progress:
+            for indices in by_length.values():
+                for start in range(0, len(indices), self.batch_size):
+                    chunk = indices[start : start + self.batch_size]
+                    inputs = self.processor(
+                        images=[images[i].convert("RGB") for i in chunk], text=[questions[i] for i in chunk],
+                        return_tensors="pt",
+                    ).to(self.device)
+                    generated = self.model.generate(**inputs, max_length=self.max_length)
+                    for i, text in zip(chunk, self.processor.batch_decode(generated, skip_special_tokens=True)):
+                        answers[i] = text
+                    progress.update(len(chunk))
+        return answers
