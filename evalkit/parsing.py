@@ -28,7 +28,7 @@ from evalkit.errors import ConfigError
 MODIFIER_DEPS = ("amod", "nmod", "compound", "npadvmod", "advmod", "acomp")
 NOUN_POS = ("NOUN", "PROPN")
 VERB_POS = ("AUX", "VERB")
-INSTALL_HINT = "pip install evalkit[parse] && python -m spacy download {model}"
+DOWNLOAD_HINT = "python -m spacy download {model}"
 
 
 @functools.lru_cache(maxsize=2)
@@ -37,11 +37,11 @@ def load_parser(model: str):
     try:
         import spacy
     except ImportError:
-        raise ConfigError(f"spaCy is not installed: {INSTALL_HINT.format(model=model)}") from None
+        raise ConfigError(f"spaCy is not installed: pip install evalkit[parse] && {DOWNLOAD_HINT.format(model=model)}") from None
     try:
         return spacy.load(model)
     except OSError:
-        raise ConfigError(f"the spaCy model {model} is not installed: {INSTALL_HINT.format(model=model)}") from None
+        raise ConfigError(f"the spaCy model {model} is not installed: {DOWNLOAD_HINT.format(model=model)}") from None
 
 
 def _descendant_modifiers(stack: list, deps: tuple[str, ...], skip_pos: tuple[str, ...]) -> list:
