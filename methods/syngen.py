@@ -26,6 +26,7 @@ between prompts: the groups live in the sampling call's state (the official pipe
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, replace
 
 import torch
@@ -35,6 +36,8 @@ from evalkit.errors import ConfigError, PromptError
 from evalkit.parsing import parse_groups
 from evalkit.sampling.attention import AttentionHooks, CrossAttentionRecorder, layers_at_resolution
 from evalkit.sampling.method import Method, register_method
+
+log = logging.getLogger("evalkit")
 
 Word = list[int]  # the token positions of one word (several for a word the tokenizer splits)
 
@@ -122,8 +125,9 @@ class SynGen(Method):
     def setup(self, run):
         groups = self.token_groups(run.spec, run.indexer)
         run.state["groups"] = groups
-        if not groups:
-            return  # no modifier to bind: the official loss is 0 and the latents stay as they are
+        if not groups:  # the official loss is 0 then, and the latents stay as they are
+            log.warning("%s: prompt %r has no modifier-noun group; it runs as plain Stable Diffusion", self.name, run.spec.id)
+            return
         layers = layers_at_resolution(run.unet, run.latent_size, self.attention_res, places=("up", "down", "mid"))
         if not layers:
             raise ConfigError(
@@ -148,7 +152,7 @@ class SynGen(Method):
                 latent = latents[k : k + 1].detach().requires_grad_(True)
                 maps = 100 * run.state["recorder"].record(run.unet, latent, t, run.cond_embeds[k : k + 1])[0]
                 loss = syngen_loss(maps, run.state["groups"], run.state["prompt_positions"])
-                if torch.is_tensor(loss):  # not so only for a lone noun with no other word in the prompt
+                if torch.is_tensor(loss):  # 0.0 only when every group is a lone noun filling the whole prompt
                     (grad,) = torch.autograd.grad(loss, [latent])
                     latent = latent - self.step_size * grad
                 updated.append(latent.detach())

@@ -74,8 +74,8 @@ def test_loss_on_the_official_maps_is_the_official_loss(golden):
         assert loss.item() == golden["loss_0"].item()
 
 
-@pytest.mark.parametrize("official_text_embeddings, tolerance", [(True, 5e-5), (False, 5e-5)])
-def test_latents_match_the_official_pipeline(tiny_pipe, golden, official_text_embeddings, tolerance):
+@pytest.mark.parametrize("official_text_embeddings, update_tolerance", [(True, 1e-6), (False, 1e-5)])
+def test_latents_match_the_official_pipeline(tiny_pipe, golden, official_text_embeddings, update_tolerance):
     """Golden latents of the official SynGenDiffusionPipeline (diffusers 0.21.4) on the same weights.
 
     The two diffusers versions' UNet forwards differ by ~1e-6 (the step-0 maps by 7e-7); the guidance-scale-7.5
@@ -89,11 +89,11 @@ def test_latents_match_the_official_pipeline(tiny_pipe, golden, official_text_em
     assert len(stepped) == 4
     update = (golden["updated_0"] - golden["initial"]).abs().max().item()
     assert update > 5e-3, "the fixture's SynGen update is too small to test"
-    update_tolerance = 1e-6 if official_text_embeddings else 1e-5
-    assert (updated[0] - golden["updated_0"]).abs().max().item() < update_tolerance
-    for i, latents in enumerate(stepped):
-        difference = (latents - golden[f"step_{i}"]).abs().max().item()
-        assert difference <= tolerance, f"step {i}: max |ours - official| = {difference}"
+    update_difference = (updated[0] - golden["updated_0"]).abs().max().item()
+    differences = [(latents - golden[f"step_{i}"]).abs().max().item() for i, latents in enumerate(stepped)]
+    print("max |ours - official| after the index-0 update:", update_difference, "after each loop index:", differences)
+    assert update_difference < update_tolerance
+    assert max(differences) <= 5e-5, differences
     # No update after num_intervention_steps: index 3 steps from index 2's result unchanged.
     assert torch.equal(updated[3], stepped[2])
 
@@ -191,7 +191,7 @@ def test_a_noun_alone_gets_only_its_negative_term_and_a_whole_prompt_group_none(
     positions = [1, 2, 3]
     positive, negative = group_terms(maps, [[3]], positions)
     assert positive == 0.0
-    assert negative.item() == pytest.approx(-_kl_sym(LEFT, UNIFORM) * 2 / 2)  # mean over the two others
+    assert negative.item() == pytest.approx(-_kl_sym(LEFT, UNIFORM))  # the mean over two uniform others
     assert group_terms(maps, [[1], [2], [3]], positions)[1] == 0.0  # no token outside the group
 
 
