@@ -104,7 +104,7 @@ def regulation_loss(
     )
 
 
-class _RegulationHook:
+class AttentionRegulationHook:
     """Edits the conditional logits of the regulated layers while `step` < edit_steps (see the module docstring)."""
 
     def __init__(self, method: "AttentionRegulation", run, targets: list[int], end_token: int):
@@ -237,7 +237,7 @@ class AttentionRegulation(Method):
         targets = [position for word in run.indexer.subject_indices(run.spec) for position in word]
         # The first end token: the number of tokens with start and end, minus one.
         end_token = run.indexer.check_length(run.spec.id, run.spec.prompt) - 1
-        run.state["hook"] = _RegulationHook(self, run, targets, end_token)
+        run.state["hook"] = AttentionRegulationHook(self, run, targets, end_token)
         run.state["hooks"] = AttentionHooks(run.unet, layers, run.state["hook"]).install()
 
     def teardown(self, run):
