@@ -146,7 +146,7 @@ class AttentionRegulationHook:
     def _optimum(self, layer: str, scores: torch.Tensor, heads: int) -> torch.Tensor:
         """The moving-averaged additive edit of the target tokens, (images * heads, w, w, targets)."""
         m = self.method
-        rows, width = scores.shape[:2]
+        width = scores.shape[1]
         if width not in self.basis:
             self.basis[width] = gaussian_basis(width).to(scores.device)[None, :, :, :, None]
         basis = self.basis[width]
@@ -205,6 +205,8 @@ class AttentionRegulation(Method):
     regularisation_weight: float = 0.09
 
     def __post_init__(self):
+        if isinstance(self.layers, str):
+            raise ValueError(f"layers must be a list of UNet blocks, got the string {self.layers!r}")
         self.layers = [str(block) for block in self.layers]  # YAML / OmegaConf lists
         if not self.layers:
             raise ValueError("layers must name at least one UNet block")
@@ -228,7 +230,8 @@ class AttentionRegulation(Method):
             if width < BASIS_WIDTH_PER_SIGMA:
                 raise ConfigError(
                     f"method {self.name}: {layer} has {width}x{width} attention maps at {run.settings.height} px; "
-                    f"the Gaussian basis needs at least {BASIS_WIDTH_PER_SIGMA}x{BASIS_WIDTH_PER_SIGMA}: choose other layers"
+                    f"the Gaussian basis needs at least {BASIS_WIDTH_PER_SIGMA}x{BASIS_WIDTH_PER_SIGMA}: "
+                    "choose other layers or a larger resolution"
                 )
         return chosen
 

@@ -89,7 +89,8 @@ def test_per_step_latents_equal_the_official_run(tiny_pipe, golden, one_thread):
 def test_the_loop_draws_the_official_initial_noise_and_text_embeddings(tiny_pipe, golden):
     """The official run draws its noise from the global RNG after torch.manual_seed(0): the loop's seed-0 noise.
     Its text embeddings differ from this environment's only by transformers' float noise."""
-    initial = tiny_pipe.prepare_latents(1, 4, 128, 128, torch.float32, torch.device("cpu"), [torch.Generator().manual_seed(0)])
+    generator = torch.Generator().manual_seed(0)
+    initial = tiny_pipe.prepare_latents(1, 4, 128, 128, torch.float32, torch.device("cpu"), [generator])
     assert torch.equal(initial, golden["initial"])
     cond, uncond = tiny_pipe.encode_prompt(SPEC.prompt, torch.device("cpu"), 1, True)
     assert (torch.cat([uncond, cond]) - golden["text_embeddings"]).abs().max() < 1e-5
@@ -97,7 +98,8 @@ def test_the_loop_draws_the_official_initial_noise_and_text_embeddings(tiny_pipe
 
 def _layer_hook(method, generators):
     """A hook as `setup` builds it, for logits of one regulated layer without guidance (all rows conditional)."""
-    run = SimpleNamespace(batch_size=len(generators), do_guidance=False, generators=generators, unet=SimpleNamespace(device=torch.device("cpu")))
+    cpu_unet = SimpleNamespace(device=torch.device("cpu"))
+    run = SimpleNamespace(batch_size=len(generators), do_guidance=False, generators=generators, unet=cpu_unet)
     return AttentionRegulationHook(method, run, TARGETS, END_TOKEN)
 
 
@@ -209,8 +211,11 @@ def test_hooks_recompute_through_the_last_edit_step_then_go(tiny_pipe):
     settings = SamplingSettings(num_inference_steps=2, guidance_scale=7.5, height=128, width=128)
     processors = dict(tiny_pipe.unet.attn_processors)
     hooked = []
-    count = lambda i, t, z: hooked.append(sum(isinstance(p, ExplicitAttnProcessor) for p in tiny_pipe.unet.attn_processors.values()))
-    ours = sample(tiny_pipe, AttentionRegulation(edit_steps=0), SPEC, [0], settings, on_step=count).latents
+
+    def count_hooked(i, t, latents):
+        hooked.append(sum(isinstance(p, ExplicitAttnProcessor) for p in tiny_pipe.unet.attn_processors.values()))
+
+    ours = sample(tiny_pipe, AttentionRegulation(edit_steps=0), SPEC, [0], settings, on_step=count_hooked).latents
     assert hooked == [5, 0]  # 2 cross-attention layers in down_blocks.2, 3 in up_blocks.1
     assert tiny_pipe.unet.attn_processors == processors
     vanilla = sample(tiny_pipe, build_method({"name": "vanilla"}), SPEC, [0], settings).latents
