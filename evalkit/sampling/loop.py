@@ -40,6 +40,9 @@ class DenoisingRun:
     uncond_embeds: torch.Tensor  # (batch, 77, dim)
     timesteps: torch.Tensor
     state: dict = field(default_factory=dict)  # a method's per-call state; nothing outlives the call
+    # One per image: the CPU generators that drew the initial noise. A method that needs random numbers continues
+    # its image's stream, so that an image depends only on its seed (not on the batch or earlier prompts).
+    generators: list[torch.Generator] = field(default_factory=list)
 
     @property
     def unet(self):
@@ -113,7 +116,9 @@ def sample(
         n, pipe.unet.config.in_channels, settings.height, settings.width, cond.dtype, device, generators
     )
     extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, settings.eta)
-    run = DenoisingRun(pipe, spec, indexer, settings, list(seeds), cond, uncond, pipe.scheduler.timesteps)
+    run = DenoisingRun(
+        pipe, spec, indexer, settings, list(seeds), cond, uncond, pipe.scheduler.timesteps, generators=generators
+    )
     failed_step: list[int | None] = [None] * n
 
     try:
