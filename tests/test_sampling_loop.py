@@ -39,7 +39,9 @@ def test_a_seed_gives_the_same_image_alone_or_in_a_batch(tiny_pipe):
     vanilla = build_method({"name": "vanilla"})
     batch = sample(tiny_pipe, vanilla, SPEC, [1, 2], SETTINGS)
     alone = sample(tiny_pipe, vanilla, SPEC, [2], SETTINGS)
-    assert torch.allclose(batch.latents[1], alone.latents[0], atol=1e-5)
+    # Batched kernels round differently from batch-1 ones: measured 2.4e-5 on latents of magnitude ~21 after 4
+    # steps (2 threads); a different seed's noise differs by O(1).
+    assert torch.allclose(batch.latents[1], alone.latents[0], atol=1e-4), (batch.latents[1] - alone.latents[0]).abs().max()
     assert not torch.allclose(batch.latents[0], batch.latents[1])
 
 
