@@ -28,7 +28,7 @@ RUNS = {
     "scaled": dict(REDUCED, iterative_refinement_steps=[0, 2], scale_factor=20000),
     "softmax_normalize": dict(REDUCED, iterative_refinement_steps=[0], softmax_normalize=True),
 }
-# Measured max |ours - official| over the steps: MEASURED. The official run used diffusers 0.21.4 and transformers
+# Measured max |ours - official| over the steps: 2.6e-5 (scaled), 2.5e-5 (softmax_normalize). The official run used diffusers 0.21.4 and transformers
 # 4.39.3, whose UNet and text encoder round differently (one guidance forward: noise 1.3e-6, maps 5.6e-9 apart, loss
 # gradient 8e-12 of 1.5e-6), and its explicit attention in every layer; guidance 7.5 and PNDM amplify that.
 TOLERANCE = 1e-4
