@@ -25,11 +25,10 @@ SETTINGS = SamplingSettings(num_inference_steps=3, guidance_scale=7.5, height=12
 REDUCED = dict(max_iter_to_alter=3, refinement_steps=3)
 # fixture key prefix -> our settings for the same official call (see fixtures/conform/README.md)
 RUNS = {
-    "notebook": dict(REDUCED, iterative_refinement_steps=[0, 2]),
-    "softmax_normalize": dict(REDUCED, iterative_refinement_steps=[0], softmax_normalize=True),
     "scaled": dict(REDUCED, iterative_refinement_steps=[0, 2], scale_factor=20000),
+    "softmax_normalize": dict(REDUCED, iterative_refinement_steps=[0], softmax_normalize=True),
 }
-# Measured max |ours - official| over the steps: MEASURED. The official run used diffusers 0.21.4 and transformers
+# Measured max |ours - official| over the steps: 2.6e-5 (scaled), 2.5e-5 (softmax_normalize). The official run used diffusers 0.21.4 and transformers
 # 4.39.3, whose UNet and text encoder round differently (one guidance forward: noise 1.3e-6, maps 5.6e-9 apart, loss
 # gradient 8e-12 of 1.5e-6), and its explicit attention in every layer; guidance 7.5 and PNDM amplify that.
 TOLERANCE = 1e-4
@@ -43,7 +42,7 @@ def _per_step(pipe, method, seeds=(0,), spec=SPEC) -> tuple[list[torch.Tensor], 
     return steps, result
 
 
-@pytest.mark.parametrize("run, seeds", [("notebook", (0,)), ("softmax_normalize", (0,)), ("scaled", (0, 1))])
+@pytest.mark.parametrize("run, seeds", [("scaled", (0, 1)), ("softmax_normalize", (0,))])
 def test_matches_the_official_pipeline(tiny_pipe, run, seeds):
     """Golden latents of the official ConformPipeline for seed 0 (fixtures/conform/README.md). In the scaled run
     seed 0 is guided in a batch with seed 1, against its own previous-step maps."""
