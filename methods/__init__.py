@@ -3,3 +3,4 @@
 from methods import vanilla  # noqa: F401
 from methods import attend_and_excite  # noqa: F401
 from methods import composable_diffusion  # noqa: F401
+from methods import dense_diffusion  # noqa: F401
