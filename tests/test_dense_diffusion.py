@@ -255,3 +255,14 @@ def test_a_mask_that_is_not_binary_is_an_error(tmp_path):
         path.write_text(json.dumps({"id": name, "prompt": "a cat", "segments": [{"phrase": "", "mask": f"{name}.png"}]}))
         with pytest.raises(DatasetError, match=rf"{name}.jsonl:1 \({name}\): mask .*binary single-channel"):
             load_prompt_set(path)
+
+
+def test_the_coco_set_loads_and_every_phrase_is_in_its_caption():
+    from evalkit.manifest import PROJECT_ROOT
+
+    specs = load_prompt_set(PROJECT_ROOT / "datasets" / "densediffusion_coco.jsonl")
+    indexer = TokenIndexer(clip_tokenizer())
+    method = build_method({"name": "dense_diffusion"})
+    for spec in specs:
+        assert spec.segments[0].phrase == "" and list(spec.subjects) == [s.phrase for s in spec.segments if s.phrase]
+        method.check(spec, indexer)
