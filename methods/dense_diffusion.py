@@ -143,7 +143,7 @@ class DenseDiffusion(Method):
         for segment in spec.segments:
             try:
                 mask = torch.from_numpy(read_mask(segment.mask)).float()[None, None]
-            except (DatasetError, FileNotFoundError) as error:
+            except DatasetError as error:  # unreadable or not binary (a missing file included)
                 raise PromptError(f"method {self.name}: prompt {spec.id!r}, segment {segment.phrase!r}: {error}") from None
             masks.append(F.interpolate(mask, size, mode="nearest"))
         return torch.cat(masks)
