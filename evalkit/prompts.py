@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+from PIL import Image
+
 from evalkit.errors import DatasetError, PromptError
 
 _KNOWN_FIELDS = {"id", "prompt", "subjects", "groups", "segments", "subprompts", "targets", "extra"}
@@ -15,10 +18,28 @@ _KNOWN_FIELDS = {"id", "prompt", "subjects", "groups", "segments", "subprompts",
 
 @dataclass(frozen=True)
 class Segment:
-    """One DenseDiffusion layout segment: the phrase as it occurs in the prompt and its mask file."""
+    """One layout segment (DenseDiffusion): a phrase of the prompt and the path of its mask PNG.
+
+    In a prompt set, `mask` is relative to the folder of the dataset file and the loader resolves it. Segment 0 is
+    the background by convention, with phrase "" (a phrase may be empty: its mask then only shapes
+    self-attention).
+    """
 
     phrase: str
     mask: str
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A mask PNG as a boolean array (height, width): a single-channel image ("1" or "L") whose pixels are 0
+    (outside) or 255 (inside); any size (methods resize it to the latent with nearest-neighbour sampling)."""
+    try:
+        with Image.open(path) as image:
+            mode, pixels = image.mode, np.array(image.convert("L"))
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"mask {path}: not a readable image ({error})") from None
+    if mode not in ("1", "L") or not np.isin(pixels, (0, 255)).all():
+        raise DatasetError(f"mask {path}: must be a binary single-channel image (pixels 0 or 255), got mode {mode}")
+    return pixels == 255
 
 
 @dataclass(frozen=True)
@@ -39,7 +60,7 @@ class PromptSpec:
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
-def _row_to_spec(row: dict[str, Any], where: str) -> PromptSpec:
+def _row_to_spec(row: dict[str, Any], where: str, folder: Path) -> PromptSpec:
     unknown = set(row) - _KNOWN_FIELDS
     if unknown:
         raise DatasetError(f"{where}: unknown field(s) {sorted(unknown)}")
@@ -64,7 +85,14 @@ def _row_to_spec(row: dict[str, Any], where: str) -> PromptSpec:
         isinstance(s, dict) and isinstance(s.get("phrase"), str) and isinstance(s.get("mask"), str) for s in segments_raw
     ):
         raise DatasetError(f"{where} ({row['id']}): segments must be a list of {{phrase, mask}} objects")
-    segments = tuple(Segment(s["phrase"], s["mask"]) for s in segments_raw)
+    segments = tuple(Segment(s["phrase"], str(folder / s["mask"])) for s in segments_raw)
+    for segment in segments:
+        if not Path(segment.mask).is_file():
+            raise DatasetError(f"{where} ({row['id']}): mask file of segment {segment.phrase!r} not found: {segment.mask}")
+        try:
+            read_mask(segment.mask)
+        except DatasetError as error:
+            raise DatasetError(f"{where} ({row['id']}): {error}") from None
     subprompts = words(row.get("subprompts", []), "subprompts")
     extra = row.get("extra", {})
     if not isinstance(extra, dict):
@@ -89,7 +117,7 @@ def load_prompt_set(path: str | Path, limit: int | None = None) -> list[PromptSp
             raise DatasetError(f"{where}: not valid JSON ({error.msg})") from None
         if not isinstance(row, dict):
             raise DatasetError(f"{where}: a row must be a JSON object")
-        spec = _row_to_spec(row, where)
+        spec = _row_to_spec(row, where, path.parent)
         if spec.id in seen:
             raise DatasetError(f"{where}: duplicate id {spec.id!r}")
         seen.add(spec.id)
