@@ -100,8 +100,11 @@ def _row_to_spec(row: dict[str, Any], where: str, folder: Path) -> PromptSpec:
     return PromptSpec(row["id"], row["prompt"], subjects, groups, segments, subprompts, extra)
 
 
-def load_prompt_set(path: str | Path, limit: int | None = None) -> list[PromptSpec]:
-    """Read and validate every row; a bad row is an error naming the file, line and field."""
+def load_prompt_set(path: str | Path, limit: int | None = None, exclude: Sequence[str] = ()) -> list[PromptSpec]:
+    """Read and validate every row; a bad row is an error naming the file, line and field.
+
+    `exclude`: ids a dataset config leaves out (each must exist, so a typo cannot pass silently), before `limit`.
+    """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"prompt set {path} does not exist")
@@ -122,6 +125,10 @@ def load_prompt_set(path: str | Path, limit: int | None = None) -> list[PromptSp
             raise DatasetError(f"{where}: duplicate id {spec.id!r}")
         seen.add(spec.id)
         specs.append(spec)
+    unknown = set(exclude) - seen
+    if unknown:
+        raise DatasetError(f"prompt set {path}: cannot exclude {sorted(unknown)}: no such id")
+    specs = [spec for spec in specs if spec.id not in set(exclude)]
     if not specs:
         raise DatasetError(f"prompt set {path} has no rows")
     return specs[:limit] if limit else specs

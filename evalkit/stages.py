@@ -85,7 +85,7 @@ def generate(cfg: DictConfig) -> None:
     seeds = _seeds(cfg)
     shard_index, shard_count = _shard(cfg)
     dataset_path = project_path(cfg.dataset.path)
-    specs = load_prompt_set(dataset_path, cfg.limit)
+    specs = load_prompt_set(dataset_path, cfg.limit, cfg.dataset.get("exclude", ()))
     for scorer_cfg in cfg.scorers.values():  # what the scorers need of a prompt is checked before any model loads
         for spec in specs:
             scorer_class(scorer_cfg.name).check_prompt(spec)

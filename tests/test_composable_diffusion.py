@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from evalkit.errors import PromptError
 from evalkit.models.loading import set_scheduler
-from evalkit.prompts import PromptSpec
+from evalkit.prompts import PromptSpec, TokenIndexer
 from evalkit.sampling.loop import SamplingSettings, sample
 from evalkit.sampling.method import build_method
 
@@ -100,4 +100,4 @@ def test_explicit_subprompts_are_used_over_splitting(tiny_pipe):
     assert seen["prompts"][1:] == ["a cat", "a dog", "grass"]
     # the weights are checked against the explicit sub-prompts, not the split
     with pytest.raises(PromptError, match="'r'"):
-        build_method({"name": "composable_diffusion", "weights": [1.0, 2.0]}).check(spec, None)
+        build_method({"name": "composable_diffusion", "weights": [1.0, 2.0]}).check(spec, TokenIndexer(tiny_pipe.tokenizer))

@@ -5,20 +5,38 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from evalkit.manifest import PROJECT_ROOT
 from evalkit.models.tokenizer import clip_tokenizer
+from evalkit.errors import PromptError
 from evalkit.prompts import TokenIndexer, load_prompt_set
 
 INDEXER = TokenIndexer(clip_tokenizer())
 UPSTREAM = PROJECT_ROOT.parent / "shared" / "data" / "attend_and_excite" / "a.e_prompts.json"
 
 
-@pytest.mark.parametrize("path", sorted((PROJECT_ROOT / "datasets").glob("*.jsonl")), ids=lambda p: p.name)
-def test_every_row_indexes(path):
-    for spec in load_prompt_set(path):
+DATASET_CONFIGS = sorted((PROJECT_ROOT / "conf" / "dataset").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config_path", DATASET_CONFIGS, ids=lambda p: p.stem)
+def test_every_row_indexes(config_path):
+    """Every row a dataset config uses fits the text encoder and its annotations are words of its prompt; what the
+    config excludes is excluded for being too long."""
+    config = OmegaConf.load(config_path)
+    for spec in load_prompt_set(PROJECT_ROOT / config.path, exclude=config.get("exclude", ())):
+        INDEXER.check_length(spec.id, spec.prompt)
         INDEXER.subject_indices(spec)
         INDEXER.group_indices(spec)
+    excluded = {s.id: s for s in load_prompt_set(PROJECT_ROOT / config.path) if s.id in set(config.get("exclude", ()))}
+    for spec in excluded.values():
+        with pytest.raises(PromptError, match="more than the text encoder's 77"):
+            INDEXER.check_length(spec.id, spec.prompt)
+
+
+def test_every_prompt_set_has_a_config():
+    configured = {OmegaConf.load(p).path for p in DATASET_CONFIGS}
+    assert {f"datasets/{p.name}" for p in (PROJECT_ROOT / "datasets").glob("*.jsonl")} <= configured
 
 
 def test_attend_and_excite_set_counts_and_positions():

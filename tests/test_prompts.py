@@ -62,3 +62,19 @@ def test_demo_set_resolves():
     for spec in load_prompt_set(PROJECT_ROOT / "datasets" / "demo.jsonl"):
         assert len(INDEXER.subject_indices(spec)) == len(spec.subjects)
         INDEXER.group_indices(spec)
+
+
+def test_exclude_leaves_rows_out_and_refuses_unknown_ids(tmp_path):
+    path = tmp_path / "set.jsonl"
+    path.write_text('{"id": "a", "prompt": "a cat"}\n{"id": "b", "prompt": "a dog"}\n')
+    assert [s.id for s in load_prompt_set(path, exclude=["a"])] == ["b"]
+    with pytest.raises(DatasetError, match="cannot exclude \\['c'\\]"):
+        load_prompt_set(path, exclude=["c"])
+
+
+def test_every_method_refuses_a_prompt_past_77_tokens():
+    from evalkit.sampling.method import build_method
+
+    spec = PromptSpec("long", " ".join(["cat"] * 80))
+    with pytest.raises(PromptError, match="'long' has 82 tokens"):
+        build_method({"name": "vanilla"}).check(spec, INDEXER)

@@ -55,7 +55,9 @@ class Method:
     requires: ClassVar[tuple[str, ...]] = ()
 
     def check(self, spec: PromptSpec, indexer) -> None:
-        """Fail before any generation if the prompt lacks what the method needs (or names words not in it)."""
+        """Fail before any generation if the prompt is too long, lacks what the method needs or names words not in
+        it. Every method refuses a prompt past the text encoder's length rather than have it silently truncated."""
+        indexer.check_length(spec.id, spec.prompt)
         for annotation in self.requires:
             if not getattr(spec, annotation):
                 raise PromptError(f"method {self.name} needs {annotation} for prompt {spec.id!r} ({spec.prompt!r}); the prompt set gives none")
