@@ -73,6 +73,15 @@ class Scorer(ABC):
         """Called after `reset`, before the set's images are passed to `update`; scorers that read more than the
         images they are given (another variant's images) find it here."""
 
+    @staticmethod
+    def generated_images(items: list[ScoredImage]) -> list[ScoredImage]:
+        """The items whose generation succeeded, each with its image; failed generations have none and get no rows."""
+        scored = [item for item in items if item.record["status"] == "ok"]
+        for item in scored:
+            if item.image is None:
+                raise ValueError(f"image scorers need images; {item.prompt_id} seed {item.seed} was passed without one")
+        return scored
+
     @abstractmethod
     def update(self, items: list[ScoredImage]) -> None:
         """Score `items` and keep their rows until `compute`."""

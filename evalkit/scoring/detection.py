@@ -129,11 +129,9 @@ class Owlv2DetectionScorer(Scorer):
 
     def update(self, items: list[ScoredImage]) -> None:
         """Score the items whose generation succeeded; failed generations have no image and get no rows."""
-        scored = [item for item in items if item.record["status"] == "ok"]
+        scored = self.generated_images(items)
         by_subjects: dict[tuple[str, ...], list[ScoredImage]] = {}
         for item in scored:
-            if item.image is None:
-                raise ValueError(f"owlv2 scorer needs images; {item.prompt_id} seed {item.seed} was passed without one")
             self.check_prompt(PromptSpec(item.prompt_id, item.prompt, item.subjects))
             by_subjects.setdefault(unique_subjects(item.subjects), []).append(item)
         with tqdm(total=len(scored), desc="owlv2 detection", unit="image") as progress:

@@ -227,10 +227,7 @@ class FidScorer(Scorer):
 
     def update(self, items: list[ScoredImage]) -> None:
         """Keep the features of the items whose generation succeeded; the distance is taken in `compute`."""
-        scored = [item for item in items if item.record["status"] == "ok"]
-        for item in scored:
-            if item.image is None:
-                raise ValueError(f"fid scorer needs images; {item.prompt_id} seed {item.seed} was passed without one")
+        scored = self.generated_images(items)
         with tqdm(total=len(scored), desc="fid", unit="image") as progress:
             for start in range(0, len(scored), self.batch_size):
                 batch = scored[start : start + self.batch_size]

@@ -213,12 +213,7 @@ class TextSimilarityScorer(Scorer):
 
     def update(self, items: list[ScoredImage]) -> None:
         """Score the items whose generation succeeded; failed generations have no image and get no rows."""
-        scored = [item for item in items if item.record["status"] == "ok"]
-        for item in scored:
-            if item.image is None:
-                raise ValueError(
-                    f"text_similarity scorer needs images; {item.prompt_id} seed {item.seed} was passed without one"
-                )
+        scored = self.generated_images(items)
         with tqdm(total=len(scored), desc="text similarity", unit="image") as progress:
             for start in range(0, len(scored), self.batch_size):
                 batch = scored[start : start + self.batch_size]

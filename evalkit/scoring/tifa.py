@@ -234,11 +234,9 @@ class TifaScorer(Scorer):
 
     def update(self, items: list[ScoredImage]) -> None:
         """Score the items whose generation succeeded; failed generations have no image and get no rows."""
-        scored = [item for item in items if item.record["status"] == "ok"]
+        scored = self.generated_images(items)
         item_entries = []
         for item in scored:
-            if item.image is None:
-                raise ValueError(f"tifa scorer needs images; {item.prompt_id} seed {item.seed} was passed without one")
             item_entries.append(questions_for(self.questions, self.questions_path, item.prompt_id, item.prompt))
         images = [item.image for item, entries in zip(scored, item_entries) for _ in entries]
         answers = iter(self.vqa.answer(images, [entry["question"] for entries in item_entries for entry in entries]))
