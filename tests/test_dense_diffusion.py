@@ -212,7 +212,7 @@ def test_without_modulation_it_is_vanilla_with_the_spliced_text(tiny_pipe):
     vanilla = sample(tiny_pipe, build_method({"name": "vanilla"}), spec, [0], SETTINGS)
     assert spliced
     # measured 4.4e-5 on latents up to ~30 at 10 steps: the explicit attention of the hooks rounds unlike fused SDPA
-    assert torch.allclose(ours.latents, vanilla.latents, rtol=1e-5, atol=1e-5), (ours.latents - vanilla.latents).abs().max()
+    assert torch.allclose(ours.latents, vanilla.latents, atol=2e-4), (ours.latents - vanilla.latents).abs().max()
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------
