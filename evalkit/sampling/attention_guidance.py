@@ -14,6 +14,7 @@ Per image and loop index i (the guidance forward uses the conditional embedding 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +33,7 @@ def softmax_over_text_tokens(attention_maps: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class AttentionGuidance(Method):
+class AttentionGuidance(Method, ABC):
     """Base of methods that optimise each image's latent on a loss over its cross-attention maps.
 
     Subclasses define `attention_loss`, `refinement` and `guides_at`.
@@ -51,17 +52,17 @@ class AttentionGuidance(Method):
         if len(self.scale_range) != 2:
             raise ValueError(f"scale_range must be (start, end), got {self.scale_range}")
 
+    @abstractmethod
     def attention_loss(self, run, image: int, maps: torch.Tensor) -> torch.Tensor:
         """The loss of image `image` (index in the batch) from its (res, res, 77) maps of this forward."""
-        raise NotImplementedError
 
+    @abstractmethod
     def refinement(self, i: int, loss: torch.Tensor) -> tuple[int, float] | None:
         """At loop index i with this loss: None, or (iterations, the loss at or below which refinement stops)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def guides_at(self, i: int) -> bool:
         """Whether step i needs the guidance forwards (elsewhere they are skipped: they could change nothing)."""
-        raise NotImplementedError
 
     def prepare(self, run) -> None:
         """Per-call state of the subclass (`run.state`), set before the attention hooks are installed."""
