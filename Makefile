@@ -28,5 +28,30 @@ test: venv
 bench: venv
 	$(OFFLINE) $(PY) -m evalkit bench
 
+# `make reproduce-<table>` rebuilds one paper table (generate, score, report); `make reproduce` all of them.
+# MODEL=tiny runs the same experiment on the tiny random-weight stand-ins, offline (numbers mean nothing);
+# MODEL=<name> another model config; LIMIT=n the first n prompts; ARGS=... any further Hydra overrides.
+EVALKIT = $(if $(filter tiny,$(MODEL)),$(OFFLINE)) $(PY) -m evalkit
+REPRODUCE_ARGS = $(if $(filter tiny,$(MODEL)),stand_ins=true,$(if $(MODEL),model=$(MODEL))) $(if $(LIMIT),limit=$(LIMIT)) $(ARGS)
+# On the stand-ins the four Stable Diffusion versions are one tiny model: it runs once.
+TABLE3_MODELS = $(if $(filter tiny,$(MODEL)),sd14,sd14 sd15 sd2_base sd21_base)
+REPRODUCE_TARGETS := reproduce-ar-table1 reproduce-ar-table2-fid reproduce-ar-table3-models reproduce-conform-ae
+
+.PHONY: $(REPRODUCE_TARGETS)
+reproduce: $(REPRODUCE_TARGETS)
+
+reproduce-ar-table1: venv
+	$(EVALKIT) run experiment=ar_table1 dataset=densediffusion_coco $(REPRODUCE_ARGS)
+	$(EVALKIT) run experiment=ar_table1 dataset=attend_and_excite $(REPRODUCE_ARGS)
+
+reproduce-ar-table2-fid: venv
+	$(EVALKIT) run experiment=ar_table2_fid $(REPRODUCE_ARGS)
+
+reproduce-ar-table3-models: venv
+	for model in $(TABLE3_MODELS); do $(EVALKIT) run experiment=ar_table3_models model=$$model $(REPRODUCE_ARGS) || exit 1; done
+
+reproduce-conform-ae: venv
+	$(EVALKIT) run experiment=conform_ae $(REPRODUCE_ARGS)
+
 clean:
 	rm -rf runs outputs multirun reports/demo

@@ -85,6 +85,8 @@ def generate(cfg: DictConfig) -> None:
     seeds = _seeds(cfg)
     shard_index, shard_count = _shard(cfg)
     dataset_path = project_path(cfg.dataset.path)
+    if not dataset_path.is_file() and cfg.dataset.get("build"):
+        raise ConfigError(f"dataset {cfg.dataset.name}: {dataset_path} does not exist; build it with `{cfg.dataset.build}`")
     specs = load_prompt_set(dataset_path, cfg.limit, cfg.dataset.get("exclude", ()))
     for scorer_cfg in cfg.scorers.values():  # what the scorers need of a prompt is checked before any model loads
         for spec in specs:
@@ -212,6 +214,22 @@ def score(cfg: DictConfig) -> None:
             atomic_write_bytes(out, rows.to_csv(index=False).encode())
 
 
+def paper_table(cfg: DictConfig):
+    """The published table `paper_table` names, with its cells read from `reports/references/`, or None."""
+    from evalkit.reporting.render import PaperTable
+
+    paper = cfg.get("paper_table")
+    if paper is None:
+        return None
+    if paper.cells is None:
+        return PaperTable(paper.title, None, paper.not_available)
+    cells = pd.read_csv(project_path(paper.cells), dtype={"paper_text": str, "table": str})
+    cells = cells[cells["table"] == str(paper.table)]
+    if cells.empty:
+        raise ConfigError(f"paper_table: {paper.cells} has no cells of table {paper.table}")
+    return PaperTable(paper.title, cells)
+
+
 def report(cfg: DictConfig) -> Path:
     """Aggregate whatever is scored into `reports/<experiment>/` and say what is missing."""
     from evalkit.reporting.render import write_report
@@ -239,7 +257,7 @@ def report(cfg: DictConfig) -> Path:
         columns=["model", "method", "variant", "dataset", "prompt_id", "seed", "metric", "value", "scorer"])
     out_dir = project_path(cfg.report_dir)
     index = write_report(out_dir, cfg.title, scores, pd.DataFrame(records), manifests, pd.DataFrame(images),
-                         cfg.get("notice"), metric_info)
+                         cfg.get("notice"), metric_info, paper_table(cfg))
     print(f"report written: {index} (and {out_dir / 'README.md'})")
     return index
 

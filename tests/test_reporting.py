@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from evalkit.reporting import bootstrap_ci, failures, paired_difference, relative_overhead, summarize, write_report
+from evalkit.reporting.render import PaperTable
 
 VANILLA = "vanilla@aaaa000000"
 EXCITE = "attend_and_excite@3fa2c1d0e9"
@@ -78,6 +79,16 @@ def test_relative_overhead_of_half_again_the_baseline_time():
     assert overhead.iloc[0][["overhead", "ci_low", "ci_high"]].tolist() == pytest.approx([0.5, 0.5, 0.5])
 
 
+def test_a_paper_table_that_is_not_available_says_so(tmp_path):
+    scores = pd.DataFrame(score_rows(VANILLA, "clip", [0.2, 0.3]))
+    records = pd.DataFrame([{"model": "tiny", "method": "vanilla", "variant": VANILLA, "dataset": "toy",
+                             "prompt_id": "p0", "seed": 0, "status": "ok", "failed_step": None, "prompt": "a cat"}])
+    paper = PaperTable("AR Table 2 (FID)", None, "Our copy has the caption only.")
+    write_report(tmp_path, "t", scores, records, [], pd.DataFrame(columns=["model", "method", "variant", "dataset",
+                 "prompt_id", "seed", "path"]), None, {"clip": True}, paper)
+    assert "AR Table 2 (FID): not available. Our copy has the caption only." in (tmp_path / "README.md").read_text()
+
+
 def test_failures_counts_failed_records_per_variant():
     records = pd.DataFrame(
         {
@@ -115,8 +126,18 @@ def test_write_report_escapes_user_text_and_writes_plots_and_grids(tmp_path):
         Image.new("RGB", (32, 32), (40 * seed, 120, 200)).save(path)
         image_rows.append({"model": "tiny", "method": method, "variant": variant, "dataset": "toy",
                            "prompt_id": "p0", "seed": seed, "path": str(path)})
-    references = pd.DataFrame([{"dataset": "toy", "method": "attend_and_excite", "metric": "clip",
-                                "value": 0.45, "source": "Chefer et al. 2023"}])
+    paper = PaperTable("Chefer et al. 2023, Table 9", pd.DataFrame([
+        {"model": "tiny", "dataset": "toy", "method": "attend_and_excite", "metric": "clip", "value": 0.45,
+         "paper_text": "0.450", "source": "p. 9"},
+        {"model": "tiny", "dataset": "toy", "method": "vanilla", "metric": "clip", "value": 0.9,
+         "paper_text": "0.900", "source": "p. 9"},
+        {"model": "sd14", "dataset": "toy", "method": "attend_and_excite", "metric": "clip", "value": 0.45,
+         "paper_text": "0.450", "source": "p. 9"},
+        {"model": "tiny", "dataset": None, "method": "attend_and_excite", "metric": "overhead", "value": 0.5,
+         "paper_text": "50.0%", "source": "p. 9"},
+        {"model": "tiny", "dataset": "toy", "method": "conform", "metric": "clip", "value": 0.5,
+         "paper_text": "0.500", "source": "p. 9"},
+    ]))
     out_dir = tmp_path / "report"
 
     index = write_report(
@@ -128,7 +149,7 @@ def test_write_report_escapes_user_text_and_writes_plots_and_grids(tmp_path):
         image_paths=pd.DataFrame(image_rows),
         notice="Made with tiny random-weight models: these numbers mean nothing",
         metric_info={"clip": True, "seconds_per_image": False},
-        references=references,
+        paper=paper,
     )
 
     page = index.read_text(encoding="utf-8")
@@ -137,6 +158,15 @@ def test_write_report_escapes_user_text_and_writes_plots_and_grids(tmp_path):
     assert "&lt;script&gt;" in page
     assert page.index("these numbers mean nothing") < page.index("<h1>")
     assert "0.450 [0.400, 0.500]" in page  # attend_and_excite's clip mean and its interval
+    published = page[page.index("Published values"):page.index("Failures per method")]
+    assert "Chefer et al. 2023, Table 9. Source: p. 9." in published
+    # the paper's value inside our interval, outside it, on another model, the overhead (no dataset: every
+    # dataset), and a method we did not run
+    assert "<td>toy</td><td>attend_and_excite</td><td>clip</td><td>0.450</td><td>0.450 [0.400, 0.500]</td><td>yes</td>" in published
+    assert "<td>toy</td><td>vanilla</td><td>clip</td><td>0.900</td><td>0.250 [0.200, 0.300]</td><td>no</td>" in published
+    assert "<td>– (ours on tiny, the paper&#x27;s on sd14)</td>" in published
+    assert "<td>toy</td><td>attend_and_excite</td><td>overhead</td><td>50.0%</td><td>45.5 [" in published
+    assert "<td>toy</td><td>conform</td><td>clip</td><td>0.500</td><td>–</td><td>–</td>" in published
     assert "+45.5 [" in page  # overhead in %: mean 1.6 s against 1.1 s
     assert json.dumps(SCRIPT_PROMPT)[1:-1].replace("<", "&lt;").replace(">", "&gt;") in page
     readme = (out_dir / "README.md").read_text(encoding="utf-8")

@@ -247,30 +247,64 @@ def _paired_section(
     return Section(f"Paired difference vs {baseline}", [Paragraph(note), Table(headers, table_rows)])
 
 
-def _references_section(
-    references: pd.DataFrame, summary: pd.DataFrame, labels: VariantLabels, metric_labels: dict
-) -> Section:
-    """The paper's value beside ours, and whether it lies inside our interval."""
-    compared = references.rename(columns={"value": "value_paper"}).merge(
-        summary, on=["dataset", "method", "metric"], how="left"
+OVERHEAD_METRIC = "overhead"  # a paper's compute overhead, compared with `relative_overhead`
+
+
+@dataclasses.dataclass
+class PaperTable:
+    """The published table an experiment reproduces: its name, and its cells (`reports/references/*.csv` rows:
+    model, dataset, method, metric, value, paper_text, source), or why they are not available."""
+
+    title: str
+    cells: pd.DataFrame | None
+    not_available: str | None = None
+
+
+def _paper_section(paper: PaperTable, summary: pd.DataFrame, overhead: pd.DataFrame, labels: VariantLabels) -> Section:
+    """The paper's value beside ours with our 95% interval, and whether the paper's value lies inside it."""
+    if paper.cells is None:
+        return Section("Published values", [Paragraph(f"{paper.title}: not available. {paper.not_available}")])
+    ours = pd.concat(
+        [
+            summary[["model", "dataset", "variant", "method", "metric", "mean", "ci_low", "ci_high"]],
+            overhead.rename(columns={"overhead": "mean"}).assign(metric=OVERHEAD_METRIC),
+        ],
+        ignore_index=True,
     )
+    # A cell without a dataset (Table 1's overhead) is compared with ours on every dataset.
+    published = paper.cells.rename(columns={"model": "paper_model", "value": "value_paper"})
+    every_dataset = published[published["dataset"].isna()].drop(columns="dataset").merge(
+        ours[["dataset"]].drop_duplicates(), how="cross"
+    )
+    published = pd.concat([published[published["dataset"].notna()], every_dataset], ignore_index=True)
+    compared = published.merge(ours, on=["dataset", "method", "metric"], how="left")
     table_rows = []
     for row in compared.sort_values(["dataset", "method", "metric"]).itertuples():
-        ours = pd.notna(row.variant)
-        inside = row.ci_low <= row.value_paper <= row.ci_high if ours else None
+        measured = pd.notna(row.variant) and pd.notna(row.mean)
+        percent = str(row.paper_text).endswith("%")
+        scale, number_format = (100, ".1f") if percent else (1, ".3f")
+        if not measured:
+            inside = MISSING
+        elif pd.isna(row.ci_low):
+            inside = "– (one value per set: no interval)"
+        elif row.model != row.paper_model:
+            inside = f"– (ours on {row.model}, the paper's on {row.paper_model})"
+        else:
+            inside = "yes" if row.ci_low <= row.value_paper <= row.ci_high else "no"
         table_rows.append(
             [
                 row.dataset,
-                labels.label(row.model, row.variant) if ours else row.method,
-                metric_labels[(row.metric, row.scorer)] if ours else row.metric,
-                f"{row.value_paper:.3f}",
-                str(row.source),
-                _interval(row.mean, row.ci_low, row.ci_high) if ours else MISSING,
-                MISSING if inside is None else ("yes" if inside else "no"),
+                labels.label(row.model, row.variant) if measured else row.method,
+                row.metric,
+                str(row.paper_text),
+                _interval(scale * row.mean, scale * row.ci_low, scale * row.ci_high, number_format) if measured else MISSING,
+                inside,
             ]
         )
-    headers = ["dataset", "variant", "metric", "paper", "source", "ours [95% CI]", "paper inside our CI"]
-    return Section("Published values", [Table(headers, table_rows)])
+    sources = "; ".join(sorted(set(paper.cells["source"].astype(str))))
+    note = f"{paper.title}. Source: {sources}. Our cells: mean [95% bootstrap interval]; – where we have no result."
+    headers = ["dataset", "variant", "metric", "paper", "ours [95% CI]", "paper inside our CI"]
+    return Section("Published values", [Paragraph(note), Table(headers, table_rows)])
 
 
 def _failures_section(records: pd.DataFrame, labels: VariantLabels) -> Section:
@@ -480,7 +514,7 @@ def write_report(
     image_paths: pd.DataFrame,
     notice: str | None,
     metric_info: dict[str, bool],
-    references: pd.DataFrame | None = None,
+    paper: PaperTable | None = None,
     baseline_method: str = "vanilla",
     max_grids: int = 50,
 ) -> Path:
@@ -499,14 +533,15 @@ def write_report(
     labels = VariantLabels([scores, records, image_paths], baseline_method)
     metric_labels = _metric_labels(all_summaries)
     quality = summary[~summary["metric"].isin(COMPUTE_METRICS)]
+    overhead = relative_overhead(per_image, baseline_method)
     sections = [
         *_results_sections(quality, labels, metric_labels, metric_info),
         _set_level_section(set_summary, labels, metric_labels, metric_info),
-        _compute_section(summary, relative_overhead(per_image, baseline_method), labels),
+        _compute_section(summary, overhead, labels),
         _paired_section(
             paired_difference(per_image, baseline_method), labels, metric_labels, metric_info, baseline_method
         ),
-        None if references is None else _references_section(references, all_summaries, labels, metric_labels),
+        None if paper is None else _paper_section(paper, all_summaries, overhead, labels),
         _failures_section(records, labels),
         _plots_section(out_dir, all_summaries, labels, metric_labels, metric_info),
         _grids_section(out_dir, image_paths, records, labels, max_grids),
