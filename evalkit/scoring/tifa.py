@@ -59,7 +59,10 @@ def load_questions(path: str | Path) -> dict[str, list[dict]]:
     """The entries of a TIFA question/answer JSON file grouped by text id, in file order; each entry validated."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"TIFA question file {path} does not exist")
+        raise DatasetError(
+            f"TIFA question file {path} does not exist; for TIFA v1.0, `python -m evalkit.tifa_questions --out {path}` "
+            "downloads it"
+        )
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
