@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from evalkit.errors import DatasetError
+from evalkit.manifest import PROJECT_ROOT
 from evalkit.prompts import file_sha256
 from evalkit.store import atomic_write_bytes, atomic_write_json
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m evalkit.coco_fid", description=__doc__.split("\n\n")[0])
     parser.add_argument("--captions", type=Path, required=True, help="COCO captions JSON, e.g. captions_val2014.json")
     parser.add_argument("--images", type=Path, required=True, help="the folder of that split's images, e.g. val2014/")
-    parser.add_argument("--out", type=Path, default=Path("data/coco_fid3k"))
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "data" / "coco_fid3k")
     parser.add_argument("--count", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
