@@ -35,7 +35,10 @@ EVALKIT = $(if $(filter tiny,$(MODEL)),$(OFFLINE)) $(PY) -m evalkit
 REPRODUCE_ARGS = $(if $(filter tiny,$(MODEL)),stand_ins=true,$(if $(MODEL),model=$(MODEL))) $(if $(LIMIT),limit=$(LIMIT)) $(ARGS)
 # On the stand-ins the four Stable Diffusion versions are one tiny model: it runs once.
 TABLE3_MODELS = $(if $(filter tiny,$(MODEL)),sd14,sd14 sd15 sd2_base sd21_base)
-REPRODUCE_TARGETS := reproduce-ar-table1 reproduce-ar-table2-fid reproduce-ar-table3-models reproduce-conform-ae
+# Separate-and-Enhance's targets finetune first; on the stand-ins, the tiny demo finetune.
+SEPEN_FINETUNE = $(if $(filter tiny,$(MODEL)),finetune=tiny_demo,finetune=large_scale model=sd14)
+REPRODUCE_TARGETS := reproduce-ar-table1 reproduce-ar-table2-fid reproduce-ar-table3-models reproduce-conform-ae \
+	reproduce-sepen-eval reproduce-sepen-fid
 
 .PHONY: $(REPRODUCE_TARGETS)
 reproduce: $(REPRODUCE_TARGETS)
@@ -52,6 +55,14 @@ reproduce-ar-table3-models: venv
 
 reproduce-conform-ae: venv
 	$(EVALKIT) run experiment=conform_ae $(REPRODUCE_ARGS)
+
+reproduce-sepen-eval: venv
+	$(EVALKIT) finetune $(SEPEN_FINETUNE)
+	$(EVALKIT) run experiment=sepen_eval $(REPRODUCE_ARGS)
+
+reproduce-sepen-fid: venv
+	$(EVALKIT) finetune $(SEPEN_FINETUNE)
+	$(EVALKIT) run experiment=sepen_fid $(REPRODUCE_ARGS)
 
 clean:
 	rm -rf runs outputs multirun reports/demo

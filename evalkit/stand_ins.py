@@ -1,7 +1,8 @@
 """Run any experiment on the tiny random-weight stand-ins (`stand_ins=true`, `make reproduce-* MODEL=tiny`).
 
 Every checkpoint the experiment needs is replaced by its tiny seeded stand-in, built offline: the diffusion model
-by `conf/model/tiny.yaml`, each scorer `<name>` by `conf/scorer/<name>_tiny.yaml`. Everything else (methods,
+by `conf/model/tiny.yaml`, each scorer `<name>` by `conf/scorer/<name>_tiny.yaml`, and a method with finetuned
+weights by `conf/method/<name>_tiny.yaml` (Separate-and-Enhance's tiny finetune). Everything else (methods,
 dataset, seeds, sampling settings other than the resolution) stays the experiment's own, so the run exercises the
 same code paths as the real one in minutes on a CPU. Results go to `<experiment>_tiny`, apart from real runs, and
 the report carries `stand_in_notice`: the numbers mean nothing.
@@ -34,6 +35,10 @@ def with_stand_ins(cfg: DictConfig) -> DictConfig:
             OmegaConf.update(cfg, f"scorers.{key}", tiny, merge=False)
         elif "tiny" in scorer:  # a scorer with a checkpoint must have a stand-in; overhead reads only records
             raise ConfigError(f"scorer {key!r} has no tiny stand-in (conf/scorer/{key}_tiny.yaml)")
+    cfg.methods = [name + "_tiny" if _stand_in_config("method", f"{name}_tiny") else name for name in cfg.methods]
+    tiny_method = _stand_in_config("method", f"{cfg.method.name}_tiny")
+    if tiny_method is not None:
+        OmegaConf.update(cfg, "method", tiny_method, merge=False)
     cfg.experiment_name = f"{cfg.experiment_name}_tiny"
     cfg.notice = cfg.stand_in_notice
     return cfg

@@ -17,3 +17,25 @@ TINY = OmegaConf.load(PROJECT_ROOT / "conf" / "model" / "tiny.yaml")
 def tiny_pipe():
     """A fresh tiny pipeline (methods install attention processors on it)."""
     return load_pipeline(TINY, torch.device("cpu"))
+
+
+@pytest.fixture
+def synthetic_coco(tmp_path):
+    """A COCO-format captions file for 12 images (annotation ids out of image order, two captions each, one
+    image without captions) and the images: (captions path, images folder)."""
+    import json
+
+    from PIL import Image
+
+    images = [{"id": 100 + 7 * i, "file_name": f"COCO_val2014_{100 + 7 * i:012d}.jpg"} for i in range(12)]
+    captions = []
+    for i, image in enumerate(reversed(images)):
+        captions.append({"id": 1000 + 2 * i, "image_id": image["id"], "caption": f"A  cat {image['id']}\n"})
+        captions.append({"id": 999 - i, "image_id": image["id"], "caption": f"first caption of {image['id']} "})
+    path = tmp_path / "coco" / "captions_val2014.json"
+    folder = tmp_path / "coco" / "val2014"
+    folder.mkdir(parents=True)
+    path.write_text(json.dumps({"images": images + [{"id": 5, "file_name": "no_caption.jpg"}], "annotations": captions}))
+    for image in images:
+        Image.new("RGB", (8, 8), (image["id"], 90, 160)).save(folder / image["file_name"])
+    return path, folder

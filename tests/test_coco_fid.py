@@ -3,7 +3,6 @@
 import json
 
 import pytest
-from PIL import Image
 
 from evalkit.coco_fid import build, choose_captions
 from evalkit import stages
@@ -12,34 +11,21 @@ from evalkit.manifest import PROJECT_ROOT
 from evalkit.prompts import load_prompt_set
 
 
-def coco_annotations(n_images=12):
-    images = [{"id": 100 + 7 * i, "file_name": f"COCO_val2014_{100 + 7 * i:012d}.jpg"} for i in range(n_images)]
-    captions = []
-    for i, image in enumerate(reversed(images)):  # annotation ids not in image order
-        captions.append({"id": 1000 + 2 * i, "image_id": image["id"], "caption": f"A  cat {image['id']}\n"})
-        captions.append({"id": 999 - i, "image_id": image["id"], "caption": f"first caption of {image['id']} "})
-    return {"images": images + [{"id": 5, "file_name": "no_caption.jpg"}], "annotations": captions}
-
-
-def test_rule_picks_the_same_images_and_the_first_caption():
-    rows = choose_captions(coco_annotations(), count=4, seed=0)
+def test_rule_picks_the_same_images_and_the_first_caption(synthetic_coco):
+    annotations = json.loads(synthetic_coco[0].read_text())
+    rows = choose_captions(annotations, count=4, seed=0)
     # numpy.random.default_rng(0).choice(12, 4, replace=False) -> [3, 5, 7, 6]: ids 121, 135, 149, 142, sorted
     assert [row["extra"]["coco_image_id"] for row in rows] == [121, 135, 142, 149]
     assert rows[0] == {"id": "coco-121", "prompt": "first caption of 121",
                        "extra": {"coco_image_id": 121, "coco_file_name": "COCO_val2014_000000000121.jpg"}}
-    assert choose_captions(coco_annotations(), count=4, seed=0) == rows
-    assert choose_captions(coco_annotations(), count=4, seed=1) != rows
+    assert choose_captions(annotations, count=4, seed=0) == rows
+    assert choose_captions(annotations, count=4, seed=1) != rows
     with pytest.raises(DatasetError, match="captions for 12 images; cannot choose 13"):
-        choose_captions(coco_annotations(), count=13, seed=0)
+        choose_captions(annotations, count=13, seed=0)
 
 
-def test_build_writes_a_valid_prompt_set_and_links_the_real_images(tmp_path):
-    captions = tmp_path / "captions_val2014.json"
-    captions.write_text(json.dumps(coco_annotations()))
-    images = tmp_path / "val2014"
-    images.mkdir()
-    for image in coco_annotations()["images"][:12]:
-        Image.new("RGB", (8, 8)).save(images / image["file_name"])
+def test_build_writes_a_valid_prompt_set_and_links_the_real_images(tmp_path, synthetic_coco):
+    captions, images = synthetic_coco
     prompts = build(captions, images, tmp_path / "out", count=4, seed=0)
     specs = load_prompt_set(prompts)
     assert [spec.id for spec in specs] == ["coco-121", "coco-135", "coco-142", "coco-149"]

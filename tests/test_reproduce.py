@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from evalkit.coco_fid import build
 from evalkit.manifest import PROJECT_ROOT
 
 TARGETS = re.findall(r"^(reproduce-[\w-]+):", (PROJECT_ROOT / "Makefile").read_text(), flags=re.MULTILINE)
@@ -23,14 +24,16 @@ def test_every_experiment_has_a_target():
     experiments = {path.stem for path in (PROJECT_ROOT / "conf" / "experiment").glob("*.yaml")} - {"demo"}
     made = set(re.findall(r"experiment=(\w+)", (PROJECT_ROOT / "Makefile").read_text())) - {"demo"}
     assert experiments == made
-    assert {"reproduce-ar-table1", "reproduce-conform-ae"} <= set(TARGETS)
+    assert {"reproduce-ar-table1", "reproduce-conform-ae", "reproduce-sepen-eval"} <= set(TARGETS)
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_reproduce_target_runs_on_the_tiny_models(target, tmp_path):
+def test_reproduce_target_runs_on_the_tiny_models(target, tmp_path, synthetic_coco):
+    build(*synthetic_coco, tmp_path / "data" / "coco_fid3k", count=4)  # the user's COCO FID set, in miniature
     args = (
         f"seeds=[0] sampling.num_inference_steps=2 store_root={tmp_path / 'store'} runs_root={tmp_path / 'runs'} "
-        f"report_dir={tmp_path / 'report'} ++methods_per_dataset.densediffusion_coco={COCO_WITHOUT_SYNGEN}"
+        f"report_dir={tmp_path / 'report'} data_root={tmp_path / 'data'} "
+        f"++methods_per_dataset.densediffusion_coco={COCO_WITHOUT_SYNGEN}"
     )
     # -o: the interpreter running the tests is the environment; make must not rebuild it.
     command = ["make", "-s", f"VENV={VENV}", "-o", f"{VENV}/.installed", target, "MODEL=tiny", "LIMIT=1", f"ARGS={args}"]
