@@ -259,7 +259,10 @@ def finetune(cfg: DictConfig, on_step: Callable[[int, dict[str, float]], None] |
     latent_size = int(recipe.resolution or cfg.model.resolution) // pipe.vae_scale_factor
     layers = layers_at_resolution(pipe.unet, latent_size, recipe.attention_res)
     if not layers:
-        raise ConfigError(f"finetune {recipe.name}: model {cfg.model.name} has no {recipe.attention_res}x{recipe.attention_res} cross-attention layers")
+        raise ConfigError(
+            f"finetune {recipe.name}: model {cfg.model.name} has no {recipe.attention_res}x{recipe.attention_res} "
+            f"cross-attention layers with {latent_size}x{latent_size} latents; set finetune.resolution (now {recipe.resolution})"
+        )
 
     trained = freeze_all_but_keys(pipe)
     frozen_modules = [pipe.unet, pipe.text_encoder, pipe.vae]
@@ -274,13 +277,14 @@ def finetune(cfg: DictConfig, on_step: Callable[[int, dict[str, float]], None] |
         saved_identity, start = load_train_state(out, trained, optimizer)
         if saved_identity != json.loads(json.dumps(identity, sort_keys=True)):
             raise ConfigError(f"{out} holds a finetune made with a different config; use another finetune.output_dir or delete {out}")
-        log.info("resuming finetune %s from step %d of %d", recipe.name, start, recipe.steps)
     if start >= recipe.steps:
         if not (out / CHECKPOINT_NAME).is_file():  # killed between the two writes of the last save
             save_checkpoint(out, trained, identity, start, recipe.steps)
         print(f"finetune {recipe.name} is finished: {out / CHECKPOINT_NAME}")
         return out / CHECKPOINT_NAME
 
+    if start:
+        log.info("resuming finetune %s from step %d of %d", recipe.name, start, recipe.steps)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     kernel = gaussian_kernel(recipe.kernel_size, recipe.sigma).to(device)
     recorder = CrossAttentionRecorder(layers, recipe.attention_res)
