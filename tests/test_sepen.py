@@ -5,7 +5,9 @@ import json
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from evalkit.errors import ConfigError, PromptError
 from evalkit.finetune.checkpoint import KEY_WEIGHT, load_checkpoint, save_checkpoint
@@ -14,12 +16,14 @@ from evalkit.finetune.train import finetune, separate_and_enhance_losses
 from evalkit.manifest import PROJECT_ROOT
 from evalkit.models.loading import load_pipeline
 from evalkit.prompts import PromptSpec
+from evalkit.sampling.attention import AttentionHooks, CrossAttentionRecorder, layers_at_resolution
 from evalkit.sampling.loop import SamplingSettings, sample
 from evalkit.sampling.method import build_method
 from evalkit.sampling.smoothing import gaussian_kernel
 from evalkit.stages import variant_of
 
 TINY = OmegaConf.load(PROJECT_ROOT / "conf" / "model" / "tiny.yaml")
+FIXTURE = PROJECT_ROOT / "tests" / "fixtures" / "sepen" / "official_maps.safetensors"
 KERNEL = gaussian_kernel(3, 0.5)
 
 
@@ -88,6 +92,32 @@ def test_every_sample_and_the_true_token_positions_count():
     assert separate.tolist() == pytest.approx(expected_separate)
     assert enhance[0].item() == pytest.approx(0.4) and enhance[2].item() == pytest.approx(0.8)
     assert 0.0 < enhance[1].item() < 0.9  # isolated peaks are smoothed down
+
+
+def test_maps_and_losses_match_the_released_code(tiny_pipe):
+    """One training batch on the tiny model: the released code's aggregated maps and losses (fixture README) equal
+    ours for the samples and heads it keeps (its "sample" ii is our sample 2 + ii // 2, four of the eight heads)."""
+    official = load_file(FIXTURE)
+    prompts = ["a photo of a cat and a dog", "a photo of a owl and a lamp", "a photo of a horse and a chair", "a photo of a fish and a cup"]
+    ids = tiny_pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 4, 64, 64, generator=generator) * 0.18215
+    noise = torch.randn(4, 4, 64, 64, generator=generator)
+    t = torch.randint(0, 1000, (4,), generator=generator)
+    noisy = DDPMScheduler.from_config(tiny_pipe.scheduler.config).add_noise(x0, noise, t)
+    layers = layers_at_resolution(tiny_pipe.unet, 64, 16)
+    recorder = CrossAttentionRecorder(layers, 16)
+    hooks = AttentionHooks(tiny_pipe.unet, layers, recorder).install()
+    with torch.no_grad():
+        maps = recorder.record_per_head(tiny_pipe.unet, noisy, t, tiny_pipe.text_encoder(ids)[0])
+    hooks.remove()
+    for ii in range(4):
+        kept = maps[2 + ii // 2, 4 * (ii % 2) : 4 * (ii % 2) + 4]  # (4 heads, 16, 16, 77)
+        assert (kept[..., [5, 8]] - official["amap_5_8"][ii]).abs().max() < 1e-6
+        for (first, second), which in (((5, 8), "true"), ((6, 9), "released")):
+            a, b = kept[None, ..., first], kept[None, ..., second]
+            assert separate_loss(a, b).item() == pytest.approx(official[f"sep_{which}"][ii].item(), abs=1e-6)
+            assert enhance_loss(a, b, KERNEL).item() == pytest.approx(official[f"en_{which}"][ii].item(), abs=1e-6)
 
 
 # --- the finetune -------------------------------------------------------------------------------------------------
