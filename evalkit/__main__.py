@@ -1,8 +1,9 @@
-"""`python -m evalkit <generate|score|report|run|bench> [hydra overrides]`.
+"""`python -m evalkit <generate|score|report|run|bench|finetune> [hydra overrides]`.
 
 `run` does all three stages for every method the experiment lists (`methods=[...]`); `generate` does one method
 (`method=<name>`), so `--multirun method=a,b seeds=[0],[1]` sweeps methods and seeds. `bench` reads
-`conf/bench.yaml` instead of `conf/config.yaml`.
+`conf/bench.yaml` instead of `conf/config.yaml`; `finetune` (Separate-and-Enhance's training) reads
+`conf/finetune.yaml`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from evalkit.sampling.method import build_method
 from evalkit.scoring.base import check_scorer
 from evalkit.stand_ins import with_stand_ins
 
-COMMANDS = ("generate", "score", "report", "run", "bench")
+COMMANDS = ("generate", "score", "report", "run", "bench", "finetune")
 USAGE = f"usage: python -m evalkit {{{','.join(COMMANDS)}}} [overrides...] [--multirun]"
 
 
@@ -53,7 +54,17 @@ def bench(cfg: DictConfig) -> None:
     run_bench(cfg)
 
 
-STAGES = {"generate": stages.generate, "score": stages.score, "report": stages.report, "run": run_all, "bench": bench}
+def finetune(cfg: DictConfig) -> None:
+    from evalkit.finetune.train import finetune as run_finetune
+
+    run_finetune(cfg)
+
+
+STAGES = {
+    "generate": stages.generate, "score": stages.score, "report": stages.report, "run": run_all, "bench": bench,
+    "finetune": finetune,
+}
+CONFIG_NAMES = {"bench": "bench", "finetune": "finetune"}  # every other command reads conf/config.yaml
 
 
 def main() -> None:
@@ -62,7 +73,7 @@ def main() -> None:
         sys.exit(2)
     command = sys.argv.pop(1)
 
-    config_name = "bench" if command == "bench" else "config"
+    config_name = CONFIG_NAMES.get(command, "config")
 
     @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name=config_name)
     def entry(cfg: DictConfig) -> None:

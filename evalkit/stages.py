@@ -58,8 +58,11 @@ def sampling_settings(cfg: DictConfig) -> SamplingSettings:
 
 def variant_of(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     """`<method>@<hash>`: the hash covers everything that changes the images of a method on a model."""
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    if method.get("checkpoint"):  # a method that loads finetuned weights: its images change with the file's content
+        method["checkpoint_sha256"] = file_sha256(project_path(method["checkpoint"]))
     identity = {
-        "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "method": method,
         "sampling": OmegaConf.to_container(cfg.sampling, resolve=True),
         "model": {"name": cfg.model.name, "revision": cfg.model.get("revision"), "seed": cfg.model.get("seed")},
     }

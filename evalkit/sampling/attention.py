@@ -160,22 +160,38 @@ class CrossAttentionRecorder:
     def record(self, unet, latents: torch.Tensor, t, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """One UNet forward with recording on; returns its maps averaged over heads and layers, (batch, res, res,
         tokens). This is the "guidance forward" of A&E-style methods: with gradients on, the maps carry them."""
+        return self._average_heads_and_layers(self._record_layers(unet, latents, t, encoder_hidden_states))
+
+    def record_per_head(self, unet, latents: torch.Tensor, t, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Like `record`, but averaged over layers only: (batch, heads, res, res, tokens), as Separate-and-Enhance's
+        training reads the maps (every layer at the resolution must have the same number of heads)."""
+        stacked = torch.stack(self._record_layers(unet, latents, t, encoder_hidden_states))
+        return stacked.sum(0) / stacked.shape[0]
+
+    def average(self, batch_size: int) -> torch.Tensor:
+        """(batch, res, res, tokens): each image's maps averaged over heads and layers, summed in layer order
+        and divided once as diffusers' AttentionStore does."""
+        return self._average_heads_and_layers(self._per_layer(batch_size))
+
+    def _record_layers(self, unet, latents: torch.Tensor, t, encoder_hidden_states: torch.Tensor) -> list[torch.Tensor]:
         self.recording = True
         try:
             unet(latents, t, encoder_hidden_states=encoder_hidden_states)
         finally:
             self.recording = False
-        maps = self.average(batch_size=latents.shape[0])
+        per_layer = self._per_layer(batch_size=latents.shape[0])
         self.maps.clear()
-        return maps
+        return per_layer
 
-    def average(self, batch_size: int) -> torch.Tensor:
-        """(batch, res, res, tokens): each image's maps averaged over heads and layers, summed in layer order
-        and divided once as diffusers' AttentionStore does."""
+    def _per_layer(self, batch_size: int) -> list[torch.Tensor]:
+        """Each layer's maps as (batch, heads, res, res, tokens), in layer order."""
         missing = [n for n in self.layers if n not in self.maps]
         if missing:
             raise RuntimeError(f"no attention recorded at {missing}: was recording on during the forward?")
         res = self.resolution
-        per_layer = [self.maps[n].reshape(batch_size, -1, res, res, self.maps[n].shape[-1]) for n in self.layers]
+        return [self.maps[n].reshape(batch_size, -1, res, res, self.maps[n].shape[-1]) for n in self.layers]
+
+    @staticmethod
+    def _average_heads_and_layers(per_layer: list[torch.Tensor]) -> torch.Tensor:
         stacked = torch.cat(per_layer, dim=1)
         return stacked.sum(1) / stacked.shape[1]

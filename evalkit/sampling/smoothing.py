@@ -24,7 +24,8 @@ def gaussian_kernel(kernel_size: int, sigma: float) -> torch.Tensor:
 
 
 def smooth(attention_map: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Smooth one (res, res) map with reflect padding."""
+    """Smooth a (res, res) map, or each map of a (..., res, res) stack separately, with reflect padding."""
     pad = kernel.shape[-1] // 2
-    padded = F.pad(attention_map[None, None], (pad, pad, pad, pad), mode="reflect")
-    return F.conv2d(padded, kernel[None, None].to(attention_map)).squeeze(0).squeeze(0)
+    maps = attention_map.reshape(-1, 1, *attention_map.shape[-2:])
+    padded = F.pad(maps, (pad, pad, pad, pad), mode="reflect")
+    return F.conv2d(padded, kernel[None, None].to(attention_map)).reshape(attention_map.shape)

@@ -1,0 +1,1 @@
+"""Separate-and-Enhance's compositional finetuning (`python -m evalkit finetune`): losses, checkpoints, training."""
