@@ -29,7 +29,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def pick_device(name: str, cuda_count: int, job_number: int | None) -> torch.device:
     """`name` as a device; "auto" is the CPU without a GPU, one GPU for a single run, and in a multirun GPU
-    `job_number mod cuda_count`, so parallel jobs on one machine (the joblib or submitit_local launchers, with
+    `job_number mod cuda_count`, so parallel jobs on one machine (hydra/launcher=submitit_local with
     `hydra.launcher.gpus_per_node` set to the machine's GPU count) take different GPUs: Hydra does not place them.
     Under SLURM a job sees only the GPUs it was given (CUDA_VISIBLE_DEVICES), so it counts them and takes its own."""
     if name == "auto":
