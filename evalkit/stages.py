@@ -20,6 +20,7 @@ from evalkit.models.loading import load_pipeline, resolve_device
 from evalkit.prompts import PromptSpec, TokenIndexer, file_sha256, load_prompt_set
 from evalkit.sampling.loop import SamplingSettings, sample
 from evalkit.sampling.method import build_method
+from evalkit.sharding import Shard, generation_batches, image_name
 from evalkit.store import ImageKey, ImageStore, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("evalkit")
@@ -39,16 +40,6 @@ def _seeds(cfg: DictConfig) -> list[int]:
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(f"seeds must be a list of integers, got {seeds!r}")
     return seeds
-
-
-def _shard(cfg: DictConfig) -> tuple[int, int]:
-    try:
-        index, count = (int(part) for part in str(cfg.shard).split("/"))
-    except ValueError:
-        raise ConfigError(f"shard must look like i/n, got {cfg.shard!r}") from None
-    if not 0 <= index < count:
-        raise ConfigError(f"shard {cfg.shard}: need 0 <= i < n")
-    return index, count
 
 
 def sampling_settings(cfg: DictConfig) -> SamplingSettings:
@@ -86,7 +77,10 @@ def generate(cfg: DictConfig) -> None:
     from evalkit.scoring.base import scorer_class
 
     seeds = _seeds(cfg)
-    shard_index, shard_count = _shard(cfg)
+    shard = Shard.parse(cfg.shard)
+    batch = int(cfg.batch_size)
+    if batch < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch}")
     dataset_path = project_path(cfg.dataset.path)
     if not dataset_path.is_file() and cfg.dataset.get("build"):
         raise ConfigError(f"dataset {cfg.dataset.name}: {dataset_path} does not exist; build it with `{cfg.dataset.build}`")
@@ -121,19 +115,21 @@ def generate(cfg: DictConfig) -> None:
         },
     )
 
-    work = [(spec, seed) for spec in specs for seed in seeds]
-    work = [item for n, item in enumerate(work) if n % shard_count == shard_index]
-    todo: dict[str, tuple[PromptSpec, list[int]]] = {}
-    for spec, seed in work:
-        if not store.has(ImageKey(model, variant, dataset, spec.id, seed)):
-            todo.setdefault(spec.id, (spec, []))[1].append(seed)
-    log.info("%s on %s/%s: %d of %d images to generate", variant, model, dataset, sum(len(s) for _, s in todo.values()), len(work))
+    # This shard's batches (evalkit/sharding.py); a batch's finished seeds are skipped, so re-running resumes.
+    work = shard.deal(generation_batches(specs, seeds, batch))
+    todo: list[tuple[PromptSpec, list[int]]] = []
+    for spec, batch_seeds in work:
+        pending = [seed for seed in batch_seeds if not store.has(ImageKey(model, variant, dataset, spec.id, seed))]
+        if pending:
+            todo.append((spec, pending))
+    log.info("%s on %s/%s, shard %s: %d of %d images to generate", variant, model, dataset, shard,
+             sum(len(pending) for _, pending in todo), sum(len(batch_seeds) for _, batch_seeds in work))
     if not todo:
         return
 
     # Warm-up outside the timings: first calls pay for lazy initialisation and kernel selection.
     warm = SamplingSettings(2, settings.guidance_scale, settings.height, settings.width, settings.eta)
-    sample(pipe, build_method({"name": "vanilla"}), next(iter(todo.values()))[0], seeds[:1], warm, indexer)
+    sample(pipe, build_method({"name": "vanilla"}), todo[0][0], seeds[:1], warm, indexer)
 
     base_record = {
         "model": model, "model_revision": cfg.model.get("revision"), "method": method.name, "variant": variant,
@@ -141,32 +137,35 @@ def generate(cfg: DictConfig) -> None:
         "device": str(device), "dtype": str(pipe.unet.dtype), "git_commit": commit, "versions": versions,
         "random_weights": bool(cfg.model.get("random_weights", False)),
     }
-    batch = int(cfg.batch_size)
-    with tqdm(total=sum(len(s) for _, s in todo.values()), desc=f"generate {variant}", unit="img") as progress:
-        for spec, pending in todo.values():
-            for start in range(0, len(pending), batch):
-                chunk = pending[start : start + batch]
-                result = sample(pipe, method, spec, chunk, settings, indexer)
-                for seed, image, failed in zip(chunk, result.images, result.failed_step):
-                    record = dict(
-                        base_record, prompt_id=spec.id, prompt=spec.prompt, seed=seed,
-                        status="ok" if failed is None else "failed", failed_step=failed,
-                        seconds_per_image=result.seconds / len(chunk), batch_size=len(chunk),
-                        batch_seconds=result.seconds, peak_memory_bytes=result.peak_memory_bytes,
-                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    )
-                    store.put(ImageKey(model, variant, dataset, spec.id, seed), image if failed is None else None, record)
-                progress.update(len(chunk))
+    with tqdm(total=sum(len(pending) for _, pending in todo), desc=f"generate {variant}", unit="img") as progress:
+        for spec, chunk in todo:
+            result = sample(pipe, method, spec, chunk, settings, indexer)
+            for seed, image, failed in zip(chunk, result.images, result.failed_step):
+                record = dict(
+                    base_record, prompt_id=spec.id, prompt=spec.prompt, seed=seed,
+                    status="ok" if failed is None else "failed", failed_step=failed,
+                    seconds_per_image=result.seconds / len(chunk), batch_size=len(chunk),
+                    batch_seconds=result.seconds, peak_memory_bytes=result.peak_memory_bytes,
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                )
+                store.put(ImageKey(model, variant, dataset, spec.id, seed), image if failed is None else None, record)
+            progress.update(len(chunk))
 
 
-def _scores_path(cfg: DictConfig, scorer_key: str, manifest: dict) -> Path:
-    return run_dir(cfg) / "scores" / scorer_key / f"{manifest['model']}__{manifest['variant']}__{manifest['dataset']}.csv"
+def _scores_folder(cfg: DictConfig, scorer_key: str) -> Path:
+    return run_dir(cfg) / "scores" / scorer_key
+
+
+def _scores_stem(manifest: dict) -> str:
+    return f"{manifest['model']}__{manifest['variant']}__{manifest['dataset']}"
 
 
 def _table_is_current(path: Path, scorer_name: str, wanted: list[tuple[str, int]]) -> bool:
     """Whether the scores table at `path` was made by this scorer from every wanted (prompt_id, seed): per-image
     rows cover them all, or a set-level table (rows without prompt_id) counts them all in `n_images`."""
     done = pd.read_csv(path, dtype={"prompt_id": str})
+    if done.empty:
+        return not wanted
     if set(done["scorer"]) != {scorer_name}:
         return False
     if done["prompt_id"].isna().any():
@@ -175,17 +174,26 @@ def _table_is_current(path: Path, scorer_name: str, wanted: list[tuple[str, int]
 
 
 def score(cfg: DictConfig) -> None:
-    """Score every generated variant of the experiment with every configured scorer; finished tables are kept."""
+    """Score every generated variant of the experiment with every configured scorer (this shard's share: its images,
+    or for a set-level scorer its whole sets; evalkit/sharding.py); finished tables are kept."""
+    from evalkit.reporting.completeness import SCORE_COLUMNS
     from evalkit.scoring.base import ScoredImage, ScoredSet, build_scorer
 
+    shard = Shard.parse(cfg.shard)
     store = ImageStore(project_path(cfg.store_root))
     device = resolve_device(cfg.device)
     manifests = read_manifests(cfg)
     for scorer_key, scorer_cfg in cfg.scorers.items():
         scorer = build_scorer(OmegaConf.to_container(scorer_cfg, resolve=True), device)
         for manifest in manifests:
-            out = _scores_path(cfg, scorer_key, manifest)
             keys = list(store.keys(manifest["model"], manifest["variant"], manifest["dataset"]))
+            if scorer.set_level:
+                if not shard.owns(f"{scorer_key}/{_scores_stem(manifest)}"):
+                    continue
+                out = _scores_folder(cfg, scorer_key) / f"{_scores_stem(manifest)}.csv"
+            else:
+                keys = [k for k in keys if shard.owns(image_name(k.prompt_id, k.seed))]
+                out = _scores_folder(cfg, scorer_key) / f"{_scores_stem(manifest)}{shard.part_suffix}.csv"
             wanted = sorted((k.prompt_id, k.seed) for k in keys)
             if out.is_file() and _table_is_current(out, scorer.name, wanted):
                 continue
@@ -214,6 +222,8 @@ def score(cfg: DictConfig) -> None:
             if corrupt:
                 log.warning("skipped %d unreadable images (re-run generate to regenerate them):\n  %s", len(corrupt), "\n  ".join(corrupt))
             rows = pd.DataFrame(scorer.compute())
+            if rows.empty:  # a shard with no images of this set still writes its (empty) part: the report counts parts
+                rows = pd.DataFrame(columns=SCORE_COLUMNS)
             atomic_write_bytes(out, rows.to_csv(index=False).encode())
 
 
@@ -233,34 +243,57 @@ def paper_table(cfg: DictConfig):
     return PaperTable(paper.title, cells)
 
 
+def _generation_wanted(cfg: DictConfig, dataset: str, dataset_path: str) -> set[tuple[str, int]]:
+    """The (prompt_id, seed) images the experiment's `seeds` and `limit` ask of a method on a dataset."""
+    exclude = cfg.dataset.get("exclude", ()) if dataset == cfg.dataset.name else ()
+    specs = load_prompt_set(project_path(dataset_path), cfg.limit, exclude)
+    return {(spec.id, seed) for spec in specs for seed in _seeds(cfg)}
+
+
 def report(cfg: DictConfig) -> Path:
-    """Aggregate whatever is scored into `reports/<experiment>/` and say what is missing."""
+    """Aggregate whatever is scored into `reports/<experiment>/` and say what is missing (in the log and the report)."""
+    from evalkit.reporting.completeness import (
+        SCORE_COLUMNS, Missing, merge_tables, missing_images, missing_scores, table_files,
+    )
     from evalkit.reporting.render import write_report
     from evalkit.scoring.base import scorer_class
 
     store = ImageStore(project_path(cfg.store_root))
     manifests = read_manifests(cfg)
-    records, images, tables = [], [], []
+    records, images, tables, missing = [], [], [], []
+    for method in cfg.methods:
+        if not any(manifest["method"] == method for manifest in manifests):
+            wanted = len(_generation_wanted(cfg, cfg.dataset.name, cfg.dataset.path))
+            missing.append(Missing(cfg.model.name, method, cfg.dataset.name, "generate", wanted, wanted,
+                                   "the experiment lists this method; none of its images is generated"))
     for manifest in manifests:
-        for key in store.keys(manifest["model"], manifest["variant"], manifest["dataset"]):
+        set_id = (manifest["model"], manifest["variant"], manifest["dataset"])
+        generated, scorable = set(), set()
+        for key in store.keys(*set_id):
             record = store.read_record(key)
             records.append({"model": key.model, "method": key.method, "variant": key.variant, "dataset": key.dataset,
                             "prompt_id": key.prompt_id, "seed": key.seed, "prompt": record.get("prompt"),
                             "status": record.get("status"), "failed_step": record.get("failed_step")})
+            generated.add((key.prompt_id, key.seed))
             if record.get("status") == "ok":
                 images.append({**records[-1], "path": str(store.image_path(key))})
-        for scorer_key in cfg.scorers:
-            path = _scores_path(cfg, scorer_key, manifest)
-            if path.is_file():
-                tables.append(pd.read_csv(path, dtype={"prompt_id": str}))
-            else:
-                log.warning("not scored yet: %s for %s (run `python -m evalkit score`)", scorer_key, manifest["variant"])
+                scorable.add((key.prompt_id, key.seed))
+        wanted = _generation_wanted(cfg, manifest["dataset"], manifest["dataset_path"])
+        missing.append(missing_images(set_id, "generate", wanted, generated))
+        for scorer_key, scorer_cfg in cfg.scorers.items():
+            files = table_files(_scores_folder(cfg, scorer_key), _scores_stem(manifest))
+            scores = merge_tables(files)
+            tables.append(scores)
+            set_level = scorer_class(scorer_cfg.name).set_level
+            missing.append(missing_scores(set_id, scorer_key, set_level, files, scores, scorable))
+    missing = [entry for entry in missing if entry is not None]
+    for entry in missing:
+        log.warning("missing: %s", entry)
     metric_info = {m: up for c in cfg.scorers.values() for m, up in scorer_class(c.name).metrics.items()}
-    scores = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
-        columns=["model", "method", "variant", "dataset", "prompt_id", "seed", "metric", "value", "scorer"])
+    present = [table for table in tables if not table.empty]
+    scores = pd.concat(present, ignore_index=True) if present else pd.DataFrame(columns=SCORE_COLUMNS)
     out_dir = project_path(cfg.report_dir)
     index = write_report(out_dir, cfg.title, scores, pd.DataFrame(records), manifests, pd.DataFrame(images),
-                         cfg.get("notice"), metric_info, paper_table(cfg))
+                         cfg.get("notice"), metric_info, paper_table(cfg), missing=missing)
     print(f"report written: {index} (and {out_dir / 'README.md'})")
     return index
-

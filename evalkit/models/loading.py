@@ -27,10 +27,37 @@ SCHEDULERS = {
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(name: str) -> torch.device:
+def pick_device(name: str, cuda_count: int, job_number: int | None) -> torch.device:
+    """`name` as a device; "auto" is the CPU without a GPU, one GPU for a single run, and in a multirun GPU
+    `job_number mod cuda_count`, so parallel jobs on one machine (hydra/launcher=submitit_local with
+    `hydra.launcher.gpus_per_node` set to the machine's GPU count) take different GPUs: Hydra does not place them.
+    Under SLURM a job sees only the GPUs it was given (CUDA_VISIBLE_DEVICES), so it counts them and takes its own."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        if cuda_count == 0:
+            return torch.device("cpu")
+        return torch.device("cuda", 0 if job_number is None else job_number % cuda_count)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda" and (device.index or 0) >= cuda_count:
+        raise ConfigError(f"device {name}: this machine has {cuda_count} visible GPUs")
+    return device
+
+
+def multirun_job_number() -> int | None:
+    """This job's number in a Hydra multirun (hydra.job.num); None outside one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return int(HydraConfig.get().job.num)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a config's `device` names, for this process (see `pick_device`)."""
+    return pick_device(name, torch.cuda.device_count() if torch.cuda.is_available() else 0, multirun_job_number())
 
 
 def resolve_dtype(model_cfg: Mapping[str, Any], device: torch.device) -> torch.dtype:

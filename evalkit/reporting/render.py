@@ -11,7 +11,7 @@ import html
 import json
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,7 @@ from evalkit.reporting.aggregate import (
     summarize,
     summarize_sets,
 )
+from evalkit.reporting.completeness import Missing
 
 PEAK_MEMORY_METRIC = "peak_memory_mb"
 # Compute metrics get their own table; the quality tables and paired differences leave them out.
@@ -101,6 +102,9 @@ class VariantLabels:
             label = variant if variants_per_method[method] > 1 else method
             self._labels[(model, variant)] = f"{label} ({model})" if several_models else label
             self._sort_keys[(model, variant)] = (model, method != baseline_method, label)
+
+    def knows(self, model: str, variant: str) -> bool:
+        return (model, variant) in self._labels
 
     def label(self, model: str, variant: str) -> str:
         return self._labels[(model, variant)]
@@ -317,6 +321,20 @@ def _failures_section(records: pd.DataFrame, labels: VariantLabels) -> Section:
     return Section("Failures per method", [Table(["variant", "failed", "records"], table_rows)])
 
 
+def _missing_section(missing: Sequence[Missing], labels: VariantLabels) -> Section | None:
+    if not missing:
+        return None
+    note = ("These results are partial: the work below is not done (or its shard has not finished), and every table "
+            "that follows covers only what is. Run the stage named to complete it.")
+    table_rows = [
+        [labels.label(entry.model, entry.variant) if labels.knows(entry.model, entry.variant) else entry.variant,
+         entry.model, entry.dataset, entry.stage, f"{entry.n_missing} of {entry.n_expected}", entry.detail]
+        for entry in missing
+    ]
+    headers = ["variant", "model", "dataset", "stage", "images missing", "detail"]
+    return Section("Missing", [Paragraph(note), Table(headers, table_rows)])
+
+
 def _plot_metric(path: Path, rows: pd.DataFrame, labels: VariantLabels, axis_label: str) -> None:
     """Bar plot of the mean with its interval as error bars: one group per dataset, one bar per variant."""
     datasets = sorted(rows["dataset"].unique())
@@ -517,10 +535,12 @@ def write_report(
     paper: PaperTable | None = None,
     baseline_method: str = "vanilla",
     max_grids: int = 50,
+    missing: Sequence[Missing] = (),
 ) -> Path:
     """Write README.md, index.html, plots/<metric>.png and grids/<dataset>__<prompt_id>.png into `out_dir`.
 
     `metric_info` maps a metric to whether higher is better; `records` needs a `prompt` column for grid captions.
+    `missing`: the work not done yet (evalkit/reporting/completeness.py); listed first when there is any.
     Returns the path of index.html.
     """
     out_dir = Path(out_dir)
@@ -535,6 +555,7 @@ def write_report(
     quality = summary[~summary["metric"].isin(COMPUTE_METRICS)]
     overhead = relative_overhead(per_image, baseline_method)
     sections = [
+        _missing_section(missing, labels),
         *_results_sections(quality, labels, metric_labels, metric_info),
         _set_level_section(set_summary, labels, metric_labels, metric_info),
         _compute_section(summary, overhead, labels),

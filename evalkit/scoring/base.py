@@ -54,6 +54,8 @@ class Scorer(ABC):
     # metric name -> higher is better; a family of metrics "name/<part>" (one per subject, say) is listed as "name/"
     metrics: ClassVar[dict[str, bool]]
     needs_images: ClassVar[bool] = True
+    # one value per set (FID): the set cannot be split between scoring shards (evalkit/sharding.py)
+    set_level: ClassVar[bool] = False
     name: str
 
     def __init__(self, device: torch.device):

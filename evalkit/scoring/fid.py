@@ -151,6 +151,7 @@ def _warn_if_small(what: str, n_images: int, dims: int) -> None:
 @register_scorer("fid")
 class FidScorer(Scorer):
     metrics = {"fid": False}
+    set_level = True
 
     def __init__(
         self,
