@@ -23,6 +23,7 @@ from evalkit.sampling.method import build_method
 from evalkit.store import ImageKey, ImageStore, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("evalkit")
+SCORE_COLUMNS = ["model", "method", "variant", "dataset", "prompt_id", "seed", "metric", "value", "scorer"]
 
 
 def project_path(path: str) -> Path:
@@ -118,17 +119,37 @@ def generate(cfg: DictConfig) -> None:
 
     work = [(spec, seed) for spec in specs for seed in seeds]
     work = [item for n, item in enumerate(work) if n % shard_count == shard_index]
-    todo: dict[str, tuple[PromptSpec, list[int]]] = {}
+    per_prompt: dict[str, tuple[PromptSpec, list[int]]] = {}
     for spec, seed in work:
-        if not store.has(ImageKey(model, variant, dataset, spec.id, seed)):
-            todo.setdefault(spec.id, (spec, []))[1].append(seed)
-    log.info("%s on %s/%s: %d of %d images to generate", variant, model, dataset, sum(len(s) for _, s in todo.values()), len(work))
+        per_prompt.setdefault(spec.id, (spec, []))[1].append(seed)
+    # The unit of work is a batch as an uninterrupted run forms it: an image's last bits depend on the size of its
+    # batch (BLAS), so a resumed run regenerates each unfinished batch whole rather than batching what is missing.
+    batch = int(cfg.batch_size)
+    todo: list[tuple[PromptSpec, list[int]]] = []
+    damaged = []
+    for spec, prompt_seeds in per_prompt.values():
+        for start in range(0, len(prompt_seeds), batch):
+            chunk = prompt_seeds[start : start + batch]
+            finished = True
+            for seed in chunk:
+                key = ImageKey(model, variant, dataset, spec.id, seed)
+                store.remove_temporary_files(key)
+                problem = store.damage(key)
+                if problem is not None:
+                    damaged.append(problem)
+                finished = finished and problem is None and store.record_path(key).is_file()
+            if not finished:
+                todo.append((spec, chunk))
+    if damaged:
+        log.warning("regenerating %d damaged items of the store:\n  %s", len(damaged), "\n  ".join(damaged))
+    to_generate = sum(len(chunk) for _, chunk in todo)
+    log.info("%s on %s/%s: %d of %d images to generate", variant, model, dataset, to_generate, len(work))
     if not todo:
         return
 
     # Warm-up outside the timings: first calls pay for lazy initialisation and kernel selection.
     warm = SamplingSettings(2, settings.guidance_scale, settings.height, settings.width, settings.eta)
-    sample(pipe, build_method({"name": "vanilla"}), next(iter(todo.values()))[0], seeds[:1], warm, indexer)
+    sample(pipe, build_method({"name": "vanilla"}), todo[0][0], seeds[:1], warm, indexer)
 
     base_record = {
         "model": model, "model_revision": cfg.model.get("revision"), "method": method.name, "variant": variant,
@@ -136,22 +157,19 @@ def generate(cfg: DictConfig) -> None:
         "device": str(device), "dtype": str(pipe.unet.dtype), "git_commit": commit, "versions": versions,
         "random_weights": bool(cfg.model.get("random_weights", False)),
     }
-    batch = int(cfg.batch_size)
-    with tqdm(total=sum(len(s) for _, s in todo.values()), desc=f"generate {variant}", unit="img") as progress:
-        for spec, pending in todo.values():
-            for start in range(0, len(pending), batch):
-                chunk = pending[start : start + batch]
-                result = sample(pipe, method, spec, chunk, settings, indexer)
-                for seed, image, failed in zip(chunk, result.images, result.failed_step):
-                    record = dict(
-                        base_record, prompt_id=spec.id, prompt=spec.prompt, seed=seed,
-                        status="ok" if failed is None else "failed", failed_step=failed,
-                        seconds_per_image=result.seconds / len(chunk), batch_size=len(chunk),
-                        batch_seconds=result.seconds, peak_memory_bytes=result.peak_memory_bytes,
-                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    )
-                    store.put(ImageKey(model, variant, dataset, spec.id, seed), image if failed is None else None, record)
-                progress.update(len(chunk))
+    with tqdm(total=to_generate, desc=f"generate {variant}", unit="img") as progress:
+        for spec, chunk in todo:
+            result = sample(pipe, method, spec, chunk, settings, indexer)
+            for seed, image, failed in zip(chunk, result.images, result.failed_step):
+                record = dict(
+                    base_record, prompt_id=spec.id, prompt=spec.prompt, seed=seed,
+                    status="ok" if failed is None else "failed", failed_step=failed,
+                    seconds_per_image=result.seconds / len(chunk), batch_size=len(chunk),
+                    batch_seconds=result.seconds, peak_memory_bytes=result.peak_memory_bytes,
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                )
+                store.put(ImageKey(model, variant, dataset, spec.id, seed), image if failed is None else None, record)
+            progress.update(len(chunk))
 
 
 def _scores_path(cfg: DictConfig, scorer_key: str, manifest: dict) -> Path:
@@ -169,35 +187,74 @@ def _table_is_current(path: Path, scorer_name: str, wanted: list[tuple[str, int]
     return sorted(set(zip(done.prompt_id, done.seed))) == wanted
 
 
+def _scoring_manifest_path(cfg: DictConfig, scorer_key: str) -> Path:
+    return run_dir(cfg) / "scores" / scorer_key / "manifest.json"
+
+
+def read_scoring_manifests(cfg: DictConfig) -> list[dict]:
+    """The manifests of the configured scorers that have scored (the checkpoints behind the numbers)."""
+    paths = [_scoring_manifest_path(cfg, key) for key in cfg.scorers]
+    return [json.loads(path.read_text()) for path in paths if path.is_file()]
+
+
+def _scoreable(store: ImageStore, manifest: dict, needs_images: bool) -> tuple[dict[ImageKey, dict], list[str]]:
+    """The records a scorer gets for one generated set (with images: the successful ones), and the damaged items of
+    the set by path (unreadable records, images without records)."""
+    records, damaged = {}, []
+    for key in store.keys(manifest["model"], manifest["variant"], manifest["dataset"]):
+        try:
+            record = store.read_record(key)
+        except StoreError as error:
+            damaged.append(str(error))
+            continue
+        if record.get("status") == "ok" or not needs_images:
+            records[key] = record
+    orphans = store.orphan_images(manifest["model"], manifest["variant"], manifest["dataset"])
+    damaged += [f"{path}: image without its record" for path in orphans]
+    return records, damaged
+
+
+def _warn_damaged(scorer_key: str, damaged: list[str]) -> None:
+    if damaged:
+        log.warning("%s: skipped %d damaged items of the store (re-run generate to regenerate them):\n  %s",
+                    scorer_key, len(damaged), "\n  ".join(damaged))
+
+
 def score(cfg: DictConfig) -> None:
-    """Score every generated variant of the experiment with every configured scorer; finished tables are kept."""
+    """Score every generated variant of the experiment with every configured scorer; finished tables are kept.
+    Damaged store items are skipped and listed by path (the next `generate` regenerates them)."""
     from evalkit.scoring.base import ScoredImage, ScoredSet, build_scorer
 
     store = ImageStore(project_path(cfg.store_root))
     device = resolve_device(cfg.device)
     manifests = read_manifests(cfg)
+    versions, commit = package_versions(), git_commit()
     for scorer_key, scorer_cfg in cfg.scorers.items():
-        scorer = build_scorer(OmegaConf.to_container(scorer_cfg, resolve=True), device)
+        config = OmegaConf.to_container(scorer_cfg, resolve=True)
+        scorer = build_scorer(config, device)
+        atomic_write_json(
+            _scoring_manifest_path(cfg, scorer_key),
+            {"stage": "score", "experiment": cfg.experiment_name, "scorer_key": scorer_key, "scorer": scorer.name,
+             "config": config, "versions": versions, "git_commit": commit, "hardware": hardware(device)},
+        )
         for manifest in manifests:
             out = _scores_path(cfg, scorer_key, manifest)
-            keys = list(store.keys(manifest["model"], manifest["variant"], manifest["dataset"]))
-            wanted = sorted((k.prompt_id, k.seed) for k in keys)
+            records, damaged = _scoreable(store, manifest, scorer.needs_images)
+            wanted = sorted((k.prompt_id, k.seed) for k in records)
             if out.is_file() and _table_is_current(out, scorer.name, wanted):
+                _warn_damaged(scorer_key, damaged)
                 continue
             specs = {s.id: s for s in load_prompt_set(project_path(manifest["dataset_path"]))}
             scorer.reset()
             scorer.begin_set(ScoredSet(manifest, manifests, store))
-            items, corrupt = [], []
-            for key in tqdm(keys, desc=f"{scorer_key} {manifest['variant']}", unit="img"):
-                record = store.read_record(key)
+            items = []
+            for key, record in tqdm(records.items(), desc=f"{scorer_key} {manifest['variant']}", unit="img"):
                 image = None
                 if scorer.needs_images:
-                    if record.get("status") != "ok":
-                        continue
                     try:
                         image = store.read_image(key)
                     except StoreError as error:
-                        corrupt.append(str(error))
+                        damaged.append(str(error))
                         continue
                 spec = specs[key.prompt_id]
                 items.append(ScoredImage(key.model, key.method, key.variant, key.dataset, key.prompt_id, key.seed, spec.prompt, spec.subjects, image, record))
@@ -206,9 +263,9 @@ def score(cfg: DictConfig) -> None:
                     items = []
             if items:
                 scorer.update(items)
-            if corrupt:
-                log.warning("skipped %d unreadable images (re-run generate to regenerate them):\n  %s", len(corrupt), "\n  ".join(corrupt))
-            rows = pd.DataFrame(scorer.compute())
+            _warn_damaged(scorer_key, damaged)
+            computed = scorer.compute()
+            rows = pd.DataFrame(computed) if computed else pd.DataFrame(columns=SCORE_COLUMNS)  # all failed: no rows
             atomic_write_bytes(out, rows.to_csv(index=False).encode())
 
 
@@ -219,27 +276,35 @@ def report(cfg: DictConfig) -> Path:
 
     store = ImageStore(project_path(cfg.store_root))
     manifests = read_manifests(cfg)
-    records, images, tables = [], [], []
+    records, images, tables, damaged = [], [], [], []
     for manifest in manifests:
-        for key in store.keys(manifest["model"], manifest["variant"], manifest["dataset"]):
-            record = store.read_record(key)
+        readable, unreadable = _scoreable(store, manifest, needs_images=False)
+        damaged += unreadable
+        for key, record in readable.items():
             records.append({"model": key.model, "method": key.method, "variant": key.variant, "dataset": key.dataset,
                             "prompt_id": key.prompt_id, "seed": key.seed, "prompt": record.get("prompt"),
                             "status": record.get("status"), "failed_step": record.get("failed_step")})
-            if record.get("status") == "ok":
+            if record.get("status") != "ok":
+                continue
+            problem = store.damage(key)  # grids draw only readable images
+            if problem is None:
                 images.append({**records[-1], "path": str(store.image_path(key))})
+            else:
+                damaged.append(problem)
         for scorer_key in cfg.scorers:
             path = _scores_path(cfg, scorer_key, manifest)
             if path.is_file():
                 tables.append(pd.read_csv(path, dtype={"prompt_id": str}))
             else:
                 log.warning("not scored yet: %s for %s (run `python -m evalkit score`)", scorer_key, manifest["variant"])
+    if damaged:
+        log.warning("the report leaves out %d damaged items of the store (re-run generate, then score):\n  %s",
+                    len(damaged), "\n  ".join(damaged))
     metric_info = {m: up for c in cfg.scorers.values() for m, up in scorer_class(c.name).metrics.items()}
-    scores = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
-        columns=["model", "method", "variant", "dataset", "prompt_id", "seed", "metric", "value", "scorer"])
+    scores = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=SCORE_COLUMNS)
     out_dir = project_path(cfg.report_dir)
-    index = write_report(out_dir, cfg.title, scores, pd.DataFrame(records), manifests, pd.DataFrame(images),
-                         cfg.get("notice"), metric_info)
+    index = write_report(out_dir, cfg.title, scores, pd.DataFrame(records), manifests + read_scoring_manifests(cfg),
+                         pd.DataFrame(images), cfg.get("notice"), metric_info)
     print(f"report written: {index} (and {out_dir / 'README.md'})")
     return index
 
