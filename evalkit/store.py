@@ -78,7 +78,7 @@ class ImageStore:
             if self.read_record(key).get("status") == "failed":
                 return None
             if not image.is_file():
-                return f"{record}: record without its image"
+                return f"{image}: missing, while its record exists"
             self.read_image(key)
         except StoreError as error:
             return str(error)
