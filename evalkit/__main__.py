@@ -12,10 +12,12 @@ import logging
 import sys
 
 import hydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
 from evalkit import stages
-from evalkit.errors import EvalkitError
+from evalkit.errors import ConfigError, EvalkitError
 from evalkit.manifest import PROJECT_ROOT
 from evalkit.sampling.method import build_method
 from evalkit.scoring.base import check_scorer
@@ -23,6 +25,38 @@ from evalkit.stand_ins import with_stand_ins
 
 COMMANDS = ("generate", "score", "report", "run", "bench", "finetune")
 USAGE = f"usage: python -m evalkit {{{','.join(COMMANDS)}}} [overrides...] [--multirun]"
+
+
+CONFIG_GROUPS = ("model", "method", "dataset", "scorer", "experiment")
+
+
+def _group_choices(override) -> list[str]:
+    """The option names an override of a config group picks: one, a list (`scorer=[a,b]`) or a sweep (`a,b`)."""
+    if override.is_choice_sweep():
+        values = list(override.sweep_iterator())
+    elif override.is_sweep_override():  # range() or glob(): nothing named to check
+        return []
+    else:
+        values = [override.value()]
+    return [str(name) for value in values for name in (value if isinstance(value, list) else [value]) if name is not None]
+
+
+def check_group_choices(arguments: list[str]) -> None:
+    """Raise ConfigError naming an unknown model, method, dataset, scorer or experiment in the command line's
+    overrides, before Hydra composes (whose miss is a multi-line error) and before any model loads."""
+    overrides = [argument for argument in arguments if not argument.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as error:
+        raise ConfigError(f"cannot parse the overrides {overrides}: {str(error).splitlines()[0]}") from None
+    for override in parsed:
+        if override.key_or_group not in CONFIG_GROUPS or override.is_delete():
+            continue
+        folder = PROJECT_ROOT / "conf" / override.key_or_group
+        known = sorted(path.stem for path in folder.glob("*.yaml"))
+        for name in _group_choices(override):
+            if name not in known:
+                raise ConfigError(f"unknown {override.key_or_group} {name!r}; known: {', '.join(known)}")
 
 
 def _method_config(name: str) -> DictConfig:
@@ -72,6 +106,11 @@ def main() -> None:
         print(USAGE, file=sys.stderr)
         sys.exit(2)
     command = sys.argv.pop(1)
+    try:
+        check_group_choices(sys.argv[1:])
+    except EvalkitError as error:
+        print(f"evalkit: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
     config_name = CONFIG_NAMES.get(command, "config")
 

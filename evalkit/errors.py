@@ -17,6 +17,10 @@ class MissingWeightsError(EvalkitError):
     """Model weights are not available locally and cannot be downloaded."""
 
 
+class UnsafeWeightsError(EvalkitError):
+    """A checkpoint file holds more than weights (pickled code), and is not loaded."""
+
+
 class DatasetError(EvalkitError):
     """A dataset file has a bad row."""
 
@@ -24,10 +28,3 @@ class DatasetError(EvalkitError):
 class StoreError(EvalkitError):
     """The image store holds something unreadable."""
 
-
-class NonFiniteLatentsError(EvalkitError):
-    """A method's optimisation produced NaN or inf latents."""
-
-    def __init__(self, step: int, message: str | None = None):
-        self.step = step
-        super().__init__(message or f"latents became NaN or inf at loop index {step}")

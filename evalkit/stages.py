@@ -18,6 +18,7 @@ from evalkit.errors import ConfigError, StoreError
 from evalkit.manifest import PROJECT_ROOT, config_hash, git_commit, hardware, package_versions
 from evalkit.models.loading import load_pipeline, resolve_device
 from evalkit.prompts import PromptSpec, TokenIndexer, file_sha256, load_prompt_set
+from evalkit.reporting.completeness import SCORE_COLUMNS
 from evalkit.sampling.loop import SamplingSettings, sample
 from evalkit.sampling.method import build_method
 from evalkit.sharding import Shard, generation_batches, image_name
@@ -115,15 +116,28 @@ def generate(cfg: DictConfig) -> None:
         },
     )
 
-    # This shard's batches (evalkit/sharding.py); a batch's finished seeds are skipped, so re-running resumes.
+    # This shard's batches (evalkit/sharding.py). The unit of work is a batch as an uninterrupted run forms it: an
+    # image's last bits depend on the size of its batch (BLAS), so a resumed run regenerates each unfinished batch
+    # whole rather than batching what is missing.
     work = shard.deal(generation_batches(specs, seeds, batch))
     todo: list[tuple[PromptSpec, list[int]]] = []
+    damaged = []
     for spec, batch_seeds in work:
-        pending = [seed for seed in batch_seeds if not store.has(ImageKey(model, variant, dataset, spec.id, seed))]
-        if pending:
-            todo.append((spec, pending))
-    log.info("%s on %s/%s, shard %s: %d of %d images to generate", variant, model, dataset, shard,
-             sum(len(pending) for _, pending in todo), sum(len(batch_seeds) for _, batch_seeds in work))
+        finished = True
+        for seed in batch_seeds:
+            key = ImageKey(model, variant, dataset, spec.id, seed)
+            store.remove_temporary_files(key)
+            problem = store.damage(key)
+            if problem is not None:
+                damaged.append(problem)
+            finished = finished and problem is None and store.record_path(key).is_file()
+        if not finished:
+            todo.append((spec, batch_seeds))
+    if damaged:
+        log.warning("regenerating %d damaged items of the store:\n  %s", len(damaged), "\n  ".join(damaged))
+    to_generate = sum(len(chunk) for _, chunk in todo)
+    log.info("%s on %s/%s, shard %s: %d of %d images to generate", variant, model, dataset, shard, to_generate,
+             sum(len(batch_seeds) for _, batch_seeds in work))
     if not todo:
         return
 
@@ -137,7 +151,7 @@ def generate(cfg: DictConfig) -> None:
         "device": str(device), "dtype": str(pipe.unet.dtype), "git_commit": commit, "versions": versions,
         "random_weights": bool(cfg.model.get("random_weights", False)),
     }
-    with tqdm(total=sum(len(pending) for _, pending in todo), desc=f"generate {variant}", unit="img") as progress:
+    with tqdm(total=to_generate, desc=f"generate {variant}", unit="img") as progress:
         for spec, chunk in todo:
             result = sample(pipe, method, spec, chunk, settings, indexer)
             for seed, image, failed in zip(chunk, result.images, result.failed_step):
@@ -173,44 +187,82 @@ def _table_is_current(path: Path, scorer_name: str, wanted: list[tuple[str, int]
     return sorted(set(zip(done.prompt_id, done.seed))) == wanted
 
 
+def _scoring_manifest_path(cfg: DictConfig, scorer_key: str) -> Path:
+    return run_dir(cfg) / "scores" / scorer_key / "manifest.json"
+
+
+def read_scoring_manifests(cfg: DictConfig) -> list[dict]:
+    """The manifests of the configured scorers that have scored (the checkpoints behind the numbers)."""
+    paths = [_scoring_manifest_path(cfg, key) for key in cfg.scorers]
+    return [json.loads(path.read_text()) for path in paths if path.is_file()]
+
+
+def _scoreable(store: ImageStore, manifest: dict, needs_images: bool) -> tuple[dict[ImageKey, dict], list[str]]:
+    """The records a scorer gets for one generated set (with images: the successful ones), and the damaged items of
+    the set by path (unreadable records, images without records)."""
+    records, damaged = {}, []
+    for key in store.keys(manifest["model"], manifest["variant"], manifest["dataset"]):
+        try:
+            record = store.read_record(key)
+        except StoreError as error:
+            damaged.append(str(error))
+            continue
+        if record.get("status") == "ok" or not needs_images:
+            records[key] = record
+    orphans = store.orphan_images(manifest["model"], manifest["variant"], manifest["dataset"])
+    damaged += [f"{path}: image without its record" for path in orphans]
+    return records, damaged
+
+
+def _warn_damaged(scorer_key: str, damaged: list[str]) -> None:
+    if damaged:
+        log.warning("%s: skipped %d damaged items of the store (re-run generate to regenerate them):\n  %s",
+                    scorer_key, len(damaged), "\n  ".join(damaged))
+
+
 def score(cfg: DictConfig) -> None:
     """Score every generated variant of the experiment with every configured scorer (this shard's share: its images,
-    or for a set-level scorer its whole sets; evalkit/sharding.py); finished tables are kept."""
-    from evalkit.reporting.completeness import SCORE_COLUMNS
+    or for a set-level scorer its whole sets; evalkit/sharding.py); finished tables are kept. Damaged store items
+    are skipped and listed by path (the next `generate` regenerates them)."""
     from evalkit.scoring.base import ScoredImage, ScoredSet, build_scorer
 
     shard = Shard.parse(cfg.shard)
     store = ImageStore(project_path(cfg.store_root))
     device = resolve_device(cfg.device)
     manifests = read_manifests(cfg)
+    versions, commit = package_versions(), git_commit()
     for scorer_key, scorer_cfg in cfg.scorers.items():
-        scorer = build_scorer(OmegaConf.to_container(scorer_cfg, resolve=True), device)
+        config = OmegaConf.to_container(scorer_cfg, resolve=True)
+        scorer = build_scorer(config, device)
+        atomic_write_json(
+            _scoring_manifest_path(cfg, scorer_key),
+            {"stage": "score", "experiment": cfg.experiment_name, "scorer_key": scorer_key, "scorer": scorer.name,
+             "config": config, "versions": versions, "git_commit": commit, "hardware": hardware(device)},
+        )
         for manifest in manifests:
-            keys = list(store.keys(manifest["model"], manifest["variant"], manifest["dataset"]))
+            records, damaged = _scoreable(store, manifest, scorer.needs_images)
             if scorer.set_level:
                 if not shard.owns(f"{scorer_key}/{_scores_stem(manifest)}"):
                     continue
                 out = _scores_folder(cfg, scorer_key) / f"{_scores_stem(manifest)}.csv"
             else:
-                keys = [k for k in keys if shard.owns(image_name(k.prompt_id, k.seed))]
+                records = {key: record for key, record in records.items() if shard.owns(image_name(key.prompt_id, key.seed))}
                 out = _scores_folder(cfg, scorer_key) / f"{_scores_stem(manifest)}{shard.part_suffix}.csv"
-            wanted = sorted((k.prompt_id, k.seed) for k in keys)
+            wanted = sorted((k.prompt_id, k.seed) for k in records)
             if out.is_file() and _table_is_current(out, scorer.name, wanted):
+                _warn_damaged(scorer_key, damaged)
                 continue
             specs = {s.id: s for s in load_prompt_set(project_path(manifest["dataset_path"]))}
             scorer.reset()
             scorer.begin_set(ScoredSet(manifest, manifests, store))
-            items, corrupt = [], []
-            for key in tqdm(keys, desc=f"{scorer_key} {manifest['variant']}", unit="img"):
-                record = store.read_record(key)
+            items = []
+            for key, record in tqdm(records.items(), desc=f"{scorer_key} {manifest['variant']}", unit="img"):
                 image = None
                 if scorer.needs_images:
-                    if record.get("status") != "ok":
-                        continue
                     try:
                         image = store.read_image(key)
                     except StoreError as error:
-                        corrupt.append(str(error))
+                        damaged.append(str(error))
                         continue
                 spec = specs[key.prompt_id]
                 items.append(ScoredImage(key.model, key.method, key.variant, key.dataset, key.prompt_id, key.seed, spec.prompt, spec.subjects, image, record))
@@ -219,11 +271,10 @@ def score(cfg: DictConfig) -> None:
                     items = []
             if items:
                 scorer.update(items)
-            if corrupt:
-                log.warning("skipped %d unreadable images (re-run generate to regenerate them):\n  %s", len(corrupt), "\n  ".join(corrupt))
-            rows = pd.DataFrame(scorer.compute())
-            if rows.empty:  # a shard with no images of this set still writes its (empty) part: the report counts parts
-                rows = pd.DataFrame(columns=SCORE_COLUMNS)
+            _warn_damaged(scorer_key, damaged)
+            computed = scorer.compute()
+            # No images (all failed, or none in this shard): the empty table still records that the part ran.
+            rows = pd.DataFrame(computed) if computed else pd.DataFrame(columns=SCORE_COLUMNS)
             atomic_write_bytes(out, rows.to_csv(index=False).encode())
 
 
@@ -252,15 +303,13 @@ def _generation_wanted(cfg: DictConfig, dataset: str, dataset_path: str) -> set[
 
 def report(cfg: DictConfig) -> Path:
     """Aggregate whatever is scored into `reports/<experiment>/` and say what is missing (in the log and the report)."""
-    from evalkit.reporting.completeness import (
-        SCORE_COLUMNS, Missing, merge_tables, missing_images, missing_scores, table_files,
-    )
+    from evalkit.reporting.completeness import Missing, merge_tables, missing_images, missing_scores, table_files
     from evalkit.reporting.render import write_report
     from evalkit.scoring.base import scorer_class
 
     store = ImageStore(project_path(cfg.store_root))
     manifests = read_manifests(cfg)
-    records, images, tables, missing = [], [], [], []
+    records, images, tables, missing, damaged = [], [], [], [], []
     for method in cfg.methods:
         if not any(manifest["method"] == method for manifest in manifests):
             wanted = len(_generation_wanted(cfg, cfg.dataset.name, cfg.dataset.path))
@@ -269,15 +318,21 @@ def report(cfg: DictConfig) -> Path:
     for manifest in manifests:
         set_id = (manifest["model"], manifest["variant"], manifest["dataset"])
         generated, scorable = set(), set()
-        for key in store.keys(*set_id):
-            record = store.read_record(key)
+        readable, unreadable = _scoreable(store, manifest, needs_images=False)
+        damaged += unreadable
+        for key, record in readable.items():
             records.append({"model": key.model, "method": key.method, "variant": key.variant, "dataset": key.dataset,
                             "prompt_id": key.prompt_id, "seed": key.seed, "prompt": record.get("prompt"),
                             "status": record.get("status"), "failed_step": record.get("failed_step")})
             generated.add((key.prompt_id, key.seed))
-            if record.get("status") == "ok":
+            if record.get("status") != "ok":
+                continue
+            problem = store.damage(key)  # grids draw only readable images
+            if problem is None:
                 images.append({**records[-1], "path": str(store.image_path(key))})
                 scorable.add((key.prompt_id, key.seed))
+            else:
+                damaged.append(problem)
         wanted = _generation_wanted(cfg, manifest["dataset"], manifest["dataset_path"])
         missing.append(missing_images(set_id, "generate", wanted, generated))
         for scorer_key, scorer_cfg in cfg.scorers.items():
@@ -289,11 +344,14 @@ def report(cfg: DictConfig) -> Path:
     missing = [entry for entry in missing if entry is not None]
     for entry in missing:
         log.warning("missing: %s", entry)
+    if damaged:
+        log.warning("the report leaves out %d damaged items of the store (re-run generate, then score):\n  %s",
+                    len(damaged), "\n  ".join(damaged))
     metric_info = {m: up for c in cfg.scorers.values() for m, up in scorer_class(c.name).metrics.items()}
     present = [table for table in tables if not table.empty]
     scores = pd.concat(present, ignore_index=True) if present else pd.DataFrame(columns=SCORE_COLUMNS)
     out_dir = project_path(cfg.report_dir)
-    index = write_report(out_dir, cfg.title, scores, pd.DataFrame(records), manifests, pd.DataFrame(images),
-                         cfg.get("notice"), metric_info, paper_table(cfg), missing=missing)
+    index = write_report(out_dir, cfg.title, scores, pd.DataFrame(records), manifests + read_scoring_manifests(cfg),
+                         pd.DataFrame(images), cfg.get("notice"), metric_info, paper_table(cfg), missing=missing)
     print(f"report written: {index} (and {out_dir / 'README.md'})")
     return index

@@ -66,21 +66,30 @@ class ImageStore:
 
     def has(self, key: ImageKey) -> bool:
         """A finished item: a readable record and, unless it records a failure, a readable image."""
-        if not self.record_path(key).is_file():
-            return False
+        return self.record_path(key).is_file() and self.damage(key) is None  # damaged: generate it again
+
+    def damage(self, key: ImageKey) -> str | None:
+        """Why the item at `key` is damaged (a record without its image, an image without its record, either one
+        unreadable), or None: finished, or never started."""
+        record, image = self.record_path(key), self.image_path(key)
+        if not record.is_file():
+            return f"{image}: image without its record" if image.is_file() else None
         try:
             if self.read_record(key).get("status") == "failed":
-                return True
+                return None
+            if not image.is_file():
+                return f"{image}: missing, while its record exists"
             self.read_image(key)
-        except StoreError:
-            return False  # corrupt or missing: generate it again
-        return True
+        except StoreError as error:
+            return str(error)
+        return None
 
     def put(self, key: ImageKey, image: Image.Image | None, record: dict) -> None:
-        """Write the image (None for a failed generation), then its record."""
+        """Write the image (None for a failed generation: an earlier image of the key is removed), then its record."""
         if image is not None:
-            buffer = _png_bytes(image)
-            atomic_write_bytes(self.image_path(key), buffer)
+            atomic_write_bytes(self.image_path(key), _png_bytes(image))
+        else:
+            self.image_path(key).unlink(missing_ok=True)
         atomic_write_json(self.record_path(key), record)
 
     def read_record(self, key: ImageKey) -> dict:
@@ -98,6 +107,19 @@ class ImageStore:
                 return image.convert("RGB")
         except (OSError, UnidentifiedImageError) as error:
             raise StoreError(f"corrupt or missing image {path}: {error}") from None
+
+    def orphan_images(self, model: str, variant: str, dataset: str) -> list[Path]:
+        """Images of one variant on one dataset without a record (a run killed between the two writes)."""
+        folder = self.folder(model, variant, dataset)
+        return [png for png in sorted(folder.glob("*/*.png")) if png.stem.isdigit() and not png.with_suffix(".json").is_file()]
+
+    def remove_temporary_files(self, key: ImageKey) -> None:
+        """Delete the temporary files that killed writes of `key` left behind (no reader opens them: readers ask for
+        final names). Only this key's, so that jobs writing other keys of the folder are left alone."""
+        image = self.image_path(key)
+        for final in (image, self.record_path(key)):
+            for leftover in image.parent.glob(f".{final.name}.*.tmp"):
+                leftover.unlink(missing_ok=True)
 
     def keys(self, model: str, variant: str, dataset: str) -> Iterator[ImageKey]:
         """Finished items of one variant on one dataset, in a stable order."""

@@ -1,16 +1,23 @@
 """Checkpoints that libraries fetch by URL into torch's hub cache (torchvision's ImageNet weights, pytorch-fid's
 Inception): fetched up front, so that a missing file is one clear error rather than a urllib traceback deep inside
-the library that loads it."""
+the library that loads it; and loaded by those libraries in torch's weights-only mode, so that no checkpoint runs
+code when it is unpickled."""
 
 from __future__ import annotations
 
 import os
+import pickle
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlparse
 
 import torch
 
-from evalkit.errors import MissingWeightsError
+from evalkit.errors import MissingWeightsError, UnsafeWeightsError
+
+# torch.load reads this at every call and then loads in weights-only mode whatever the caller asked for.
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def torch_hub_checkpoint(url: str, what: str) -> Path:
@@ -30,3 +37,24 @@ def torch_hub_checkpoint(url: str, what: str) -> Path:
             f"(or point TORCH_HOME at a copy of the cache)"
         ) from None
     return path
+
+
+@contextmanager
+def weights_only_loads(what: str) -> Iterator[None]:
+    """Within: every `torch.load` unpickles tensors and plain containers only (torch's weights-only unpickler),
+    even where a library asks for full unpickling (`torch.hub.load_state_dict_from_url`'s default, which
+    torchvision and pytorch-fid use). A checkpoint that needs more is refused as one error naming `what`."""
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        yield
+    except pickle.UnpicklingError as error:
+        raise UnsafeWeightsError(
+            f"{what}: a checkpoint holds more than weights and is not loaded (weights-only unpickling refused it: "
+            f"{str(error).splitlines()[0]}); replace it with the original file"
+        ) from None
+    finally:
+        if previous is None:
+            del os.environ[FORCE_WEIGHTS_ONLY]
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous

@@ -157,10 +157,18 @@ def relative_overhead(
 
 
 def failures(records: pd.DataFrame) -> pd.DataFrame:
-    """Per (model, method, variant): n_records and n_failed, the records whose status is "failed"."""
+    """Per (model, method, variant): n_records, n_failed (the records whose status is "failed") and failed_steps,
+    the loop indices where their latents became NaN or inf with how many failed there ("1 (2), 7 (1)")."""
+    failed = records["status"] == "failed"
+    steps = records["failed_step"] if "failed_step" in records else pd.Series(None, index=records.index)
     return (
-        records.assign(failed=records["status"] == "failed")
+        records.assign(failed=failed, step=steps.where(failed))
         .groupby(["model", "method", "variant"], sort=True)
-        .agg(n_records=("failed", "size"), n_failed=("failed", "sum"))
+        .agg(n_records=("failed", "size"), n_failed=("failed", "sum"), failed_steps=("step", _step_counts))
         .reset_index()
     )
+
+
+def _step_counts(steps: pd.Series) -> str:
+    counts = steps.dropna().astype(int).value_counts().sort_index()
+    return ", ".join(f"{step} ({count})" for step, count in counts.items())

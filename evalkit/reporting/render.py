@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import io
 import json
 import re
 from pathlib import Path
@@ -29,6 +30,7 @@ from evalkit.reporting.aggregate import (
     summarize_sets,
 )
 from evalkit.reporting.completeness import Missing
+from evalkit.store import atomic_write_bytes
 
 PEAK_MEMORY_METRIC = "peak_memory_mb"
 # Compute metrics get their own table; the quality tables and paired differences leave them out.
@@ -315,10 +317,11 @@ def _failures_section(records: pd.DataFrame, labels: VariantLabels) -> Section:
     counts = failures(records)
     by_variant = {(row.model, row.variant): row for row in counts.itertuples()}
     table_rows = [
-        [labels.label(*key), str(by_variant[key].n_failed), str(by_variant[key].n_records)]
+        [labels.label(*key), str(by_variant[key].n_failed), str(by_variant[key].n_records), by_variant[key].failed_steps]
         for key in labels.ordered(by_variant)
     ]
-    return Section("Failures per method", [Table(["variant", "failed", "records"], table_rows)])
+    headers = ["variant", "failed", "records", "failed at loop index (count)"]
+    return Section("Failures per method", [Table(headers, table_rows)])
 
 
 def _missing_section(missing: Sequence[Missing], labels: VariantLabels) -> Section | None:
@@ -357,7 +360,9 @@ def _plot_metric(path: Path, rows: pd.DataFrame, labels: VariantLabels, axis_lab
     axes.set_xticks(positions, datasets)
     axes.set_ylabel(axis_label)
     axes.legend(fontsize="small")
-    figure.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _plots_section(
@@ -415,7 +420,9 @@ def _draw_grid(path: Path, images: pd.DataFrame, labels: VariantLabels) -> None:
             with Image.open(image_path) as image:
                 thumbnail = _fitted(image, cell - 4)  # a small gap keeps neighbouring images apart
             grid.paste(thumbnail, (left + (cell - thumbnail.width) // 2, top + (cell - thumbnail.height) // 2))
-    grid.save(path)
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _grids_section(
@@ -443,10 +450,18 @@ def _scorers_section(summary: pd.DataFrame) -> Section:
     return Section("Scorers", [Table(["metric", "scorer"], [[metric, str(scorer)] for metric, scorer in pairs.values])])
 
 
+def _manifest_label(manifest: dict, index: int) -> str:
+    if manifest.get("stage") == "generate":
+        return f"generation: {manifest['model']} / {manifest['variant']} / {manifest['dataset']}"
+    if manifest.get("stage") == "score":
+        return f"scoring: {manifest['scorer_key']} ({manifest['scorer']})"
+    return str(manifest.get("variant") or f"run {index}")
+
+
 def _manifests_section(manifests: list[dict]) -> Section:
     blocks: list[Block] = [
         JsonBlock(
-            str(manifest.get("variant") or f"run {index}"),
+            _manifest_label(manifest, index),
             json.dumps(manifest, indent=2, sort_keys=True, default=str, ensure_ascii=False),
         )
         for index, manifest in enumerate(manifests, start=1)
@@ -570,7 +585,8 @@ def write_report(
         _manifests_section(manifests),
     ]
     sections = [section for section in sections if section is not None]
-    (out_dir / "README.md").write_text(_markdown(title, notice, sections), encoding="utf-8")
+    # Written whole or not at all, after the plots and grids they show: a killed report leaves no partial page.
+    atomic_write_bytes(out_dir / "README.md", _markdown(title, notice, sections).encode("utf-8"))
     index_path = out_dir / "index.html"
-    index_path.write_text(_html(title, notice, sections), encoding="utf-8")
+    atomic_write_bytes(index_path, _html(title, notice, sections).encode("utf-8"))
     return index_path

@@ -90,6 +90,19 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _quarantine(latents: torch.Tensor, failed_step: list[int | None], i: int) -> torch.Tensor:
+    """Record loop index `i` for each image whose latents are newly NaN or inf (in `failed_step`, in place) and
+    zero every failed image's latents: the image is lost, and its NaN must not reach a method's loss, where one
+    image's NaN can raise (a distribution of NaN probabilities) and stop the whole batch."""
+    bad = ~torch.isfinite(latents.detach()).flatten(1).all(dim=1)
+    if not bad.any():
+        return latents
+    for k in bad.nonzero().flatten().tolist():
+        if failed_step[k] is None:
+            failed_step[k] = i
+    return torch.where(bad.view(-1, *[1] * (latents.dim() - 1)), torch.zeros_like(latents), latents)
+
+
 def sample(
     pipe: StableDiffusionPipeline,
     method: Method,
@@ -124,12 +137,11 @@ def sample(
     try:
         method.setup(run)
         for i, t in enumerate(run.timesteps):
-            latents = method.update_latents(run, i, t, latents)
+            latents = _quarantine(method.update_latents(run, i, t, latents), failed_step, i)
             with torch.no_grad():
                 noise = method.predict_noise(run, i, t, latents)
                 latents = pipe.scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[0]
-            bad = (~torch.isfinite(latents).flatten(1).all(dim=1)).tolist()
-            failed_step = [f if f is not None or not b else i for f, b in zip(failed_step, bad)]
+            latents = _quarantine(latents, failed_step, i)
             if on_step is not None:
                 on_step(i, t, latents)
     finally:

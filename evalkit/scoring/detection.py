@@ -65,7 +65,7 @@ def _build_tiny() -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
 
 def _load_hub(hub_id: str, revision: str) -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
     processor = load_from_hub("scorer owlv2", hub_id, revision, lambda: Owlv2Processor.from_pretrained(hub_id, revision=revision))
-    model = load_from_hub("scorer owlv2", hub_id, revision, lambda: Owlv2ForObjectDetection.from_pretrained(hub_id, revision=revision))
+    model = load_from_hub("scorer owlv2", hub_id, revision, lambda: Owlv2ForObjectDetection.from_pretrained(hub_id, revision=revision, use_safetensors=True))
     return model, processor
 
 

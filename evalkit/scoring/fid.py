@@ -36,7 +36,7 @@ from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
 from tqdm import tqdm
 
 from evalkit.errors import ConfigError
-from evalkit.models.torch_hub import torch_hub_checkpoint
+from evalkit.models.torch_hub import torch_hub_checkpoint, weights_only_loads
 from evalkit.prompts import file_sha256
 from evalkit.scoring.base import ScoredImage, ScoredSet, Scorer, register_scorer
 from evalkit.stages import project_path
@@ -107,7 +107,8 @@ def build_inception(dims: int, tiny: bool) -> InceptionV3:
     blocks = [InceptionV3.BLOCK_INDEX_BY_DIM[dims]]
     if not tiny:
         torch_hub_checkpoint(FID_WEIGHTS_URL, "scorer fid: pytorch-fid's Inception FID weights")
-        return InceptionV3(blocks, resize_input=False, normalize_input=True).eval()
+        with weights_only_loads("scorer fid"):
+            return InceptionV3(blocks, resize_input=False, normalize_input=True).eval()
     torch.manual_seed(0)
     with _without_fid_weights():
         model = InceptionV3(blocks, resize_input=False, normalize_input=True)

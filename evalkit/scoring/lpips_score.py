@@ -21,7 +21,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 from evalkit.errors import ConfigError, StoreError
-from evalkit.models.torch_hub import torch_hub_checkpoint
+from evalkit.models.torch_hub import torch_hub_checkpoint, weights_only_loads
 from evalkit.scoring.base import ScoredImage, ScoredSet, Scorer, register_scorer
 from evalkit.store import ImageKey
 
@@ -82,7 +82,8 @@ class LpipsScorer(Scorer):
             weights = TRUNK_WEIGHTS[net]
             torch_hub_checkpoint(weights.url, f"scorer lpips: torchvision's ImageNet {net} weights")
             trunk = f"torchvision {net} {weights.name}"
-        with warnings.catch_warnings():  # lpips asks torchvision for weights the pre-0.13 way, which it deprecates
+        with warnings.catch_warnings(), weights_only_loads(f"scorer lpips ({net})"):
+            # lpips asks torchvision for weights the pre-0.13 way, which it deprecates
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision.models._utils")
             model = lpips.LPIPS(net=net, version="0.1", pnet_rand=tiny, verbose=False)
         self.model = model.to(device).eval()

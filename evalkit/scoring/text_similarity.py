@@ -163,7 +163,7 @@ def _load_hub_captioner(hub_id: str, revision: str):
     what = "scorer text_similarity"
     image_processor = load_from_hub(what, hub_id, revision, lambda: BlipImageProcessorPil.from_pretrained(hub_id, revision=revision))
     tokenizer = load_from_hub(what, hub_id, revision, lambda: AutoTokenizer.from_pretrained(hub_id, revision=revision))
-    model = load_from_hub(what, hub_id, revision, lambda: BlipForConditionalGeneration.from_pretrained(hub_id, revision=revision))
+    model = load_from_hub(what, hub_id, revision, lambda: BlipForConditionalGeneration.from_pretrained(hub_id, revision=revision, use_safetensors=True))
     return model, image_processor, tokenizer
 
 

@@ -189,7 +189,7 @@ def _answer_mapper(config: Mapping[str, Any], device: torch.device, tiny: bool) 
         return NearestChoice(*tiny_sentence_encoder(), device), "tiny SBERT (random weights, seed 0)"
     hub_id, revision = config["hub_id"], config["revision"]
     what = "scorer tifa (answer mapper)"
-    model = load_from_hub(what, hub_id, revision, lambda: AutoModel.from_pretrained(hub_id, revision=revision))
+    model = load_from_hub(what, hub_id, revision, lambda: AutoModel.from_pretrained(hub_id, revision=revision, use_safetensors=True))
     tokenizer = load_from_hub(what, hub_id, revision, lambda: AutoTokenizer.from_pretrained(hub_id, revision=revision))
     return NearestChoice(model, tokenizer, device), f"SBERT {hub_id}@{revision[:7]} (mean pooling)"
 

@@ -114,7 +114,7 @@ class BlipVQA(VQABackend):
             return cls(model, processor, name, device, max_length, batch_size)
         hub_id, revision = config["hub_id"], config["revision"]
         what = "scorer tifa (vqa)"
-        model = load_from_hub(what, hub_id, revision, lambda: BlipForQuestionAnswering.from_pretrained(hub_id, revision=revision))
+        model = load_from_hub(what, hub_id, revision, lambda: BlipForQuestionAnswering.from_pretrained(hub_id, revision=revision, use_safetensors=True))
         processor = load_from_hub(what, hub_id, revision, lambda: BlipProcessor(
             image_processor=BlipImageProcessorPil.from_pretrained(hub_id, revision=revision),
             tokenizer=AutoTokenizer.from_pretrained(hub_id, revision=revision),
