@@ -27,11 +27,17 @@ def test_every_experiment_has_a_target():
     assert {"reproduce-ar-table1", "reproduce-conform-ae", "reproduce-sepen-eval"} <= set(TARGETS)
 
 
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    """One store for all targets, as a user's: Table 2 and Table 3 reuse Table 1's images, as they do for real."""
+    return tmp_path_factory.mktemp("store")
+
+
 @pytest.mark.parametrize("target", TARGETS)
-def test_reproduce_target_runs_on_the_tiny_models(target, tmp_path, synthetic_coco):
+def test_reproduce_target_runs_on_the_tiny_models(target, tmp_path, synthetic_coco, shared_store):
     build(*synthetic_coco, tmp_path / "data" / "coco_fid3k", count=4)  # the user's COCO FID set, in miniature
     args = (
-        f"seeds=[0] sampling.num_inference_steps=2 store_root={tmp_path / 'store'} runs_root={tmp_path / 'runs'} "
+        f"seeds=[0] sampling.num_inference_steps=2 store_root={shared_store} runs_root={tmp_path / 'runs'} "
         f"report_dir={tmp_path / 'report'} data_root={tmp_path / 'data'} "
         f"++methods_per_dataset.densediffusion_coco={COCO_WITHOUT_SYNGEN}"
     )
