@@ -215,8 +215,8 @@ def test_without_modulation_it_is_vanilla_with_the_spliced_text(tiny_pipe):
     tiny_pipe.encode_prompt = encode_prompt
     vanilla = sample(tiny_pipe, build_method({"name": "vanilla"}), spec, [0], SETTINGS)
     assert spliced
-    # measured 4.4e-5 on latents up to ~30 at 10 steps: the explicit attention of the hooks rounds unlike fused SDPA
-    assert torch.allclose(ours.latents, vanilla.latents, atol=2e-4), (ours.latents - vanilla.latents).abs().max()
+    # Outside the window the hooked layers run their own fused attention: bit for bit vanilla's.
+    assert torch.equal(ours.latents, vanilla.latents), (ours.latents - vanilla.latents).abs().max()
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------
