@@ -234,7 +234,7 @@ def run_bench(cfg: DictConfig) -> Path:
     device = resolve_device(cfg.device)
     rows: list[dict] = []
     for entry in cfg.models:
-        if device.type in entry.on:
+        if device.type in entry.devices:
             print(f"bench: {entry.config} on {device} ({entry.steps} steps)", flush=True)
             rows += bench_generation(cfg, entry.config, int(entry.steps), device)
     rows += bench_scorers(dict(cfg.scorers.get(device.type, {})), device)

@@ -119,6 +119,11 @@ class AttentionRegulationHook:
         self.previous: dict[str, torch.Tensor] = {}  # layer -> its optimum A at the previous step, pre-average
         self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> P0's start/end columns
 
+    @property
+    def active(self) -> bool:
+        """The official hooks recompute attention through step `edit_steps` (unedited there), then go."""
+        return self.step <= self.method.edit_steps
+
     def edit_logits(self, layer, logits, is_cross):
         if self.step >= self.method.edit_steps:
             return logits
@@ -249,6 +254,4 @@ class AttentionRegulation(Method):
 
     def predict_noise(self, run, i, t, latents):
         run.state["hook"].step = i
-        if i > self.edit_steps:
-            self.teardown(run)  # the official hooks recompute attention through step `edit_steps`, then go
         return run.guided_noise(t, latents)

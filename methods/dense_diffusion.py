@@ -84,6 +84,11 @@ class LayoutModulation:
         self.time_weight: torch.Tensor | None = None
         self._weights: dict[tuple[tuple[int, int], bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
+    @property
+    def active(self) -> bool:
+        """Outside the window the official code computes the same attention unmodulated: the fused kernel does."""
+        return self.time_weight is not None
+
     def start_step(self, time_weight: torch.Tensor | None) -> None:
         """lambda_t for the coming UNet forward, or None outside the modulation window."""
         self.time_weight = time_weight

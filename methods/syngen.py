@@ -150,7 +150,9 @@ class SynGen(Method):
         with torch.enable_grad():
             for k in range(run.batch_size):
                 latent = latents[k : k + 1].detach().requires_grad_(True)
-                maps = 100 * run.state["recorder"].record(run.unet, latent, t, run.cond_embeds[k : k + 1])[0]
+                # float32 as the official run (fp32 pipeline); in float16 the normalised maps fail Categorical's
+                # simplex check (sum within 1e-6). A no-op on a float32 model.
+                maps = 100 * run.state["recorder"].record(run.unet, latent, t, run.cond_embeds[k : k + 1])[0].float()
                 loss = syngen_loss(maps, run.state["groups"], run.state["prompt_positions"])
                 if torch.is_tensor(loss):  # 0.0 only when every group is a lone noun filling the whole prompt
                     (grad,) = torch.autograd.grad(loss, [latent])

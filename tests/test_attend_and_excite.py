@@ -162,3 +162,10 @@ def test_subject_not_in_prompt_fails_before_any_unet_call(tiny_pipe):
     with pytest.raises(PromptError, match="bird"):
         sample(tiny_pipe, AttendAndExcite(), PromptSpec("p", "a cat and a dog", ("cat", "bird")), [0], SETTINGS)
     assert calls == []
+
+
+def test_without_guided_steps_it_is_vanilla_bit_for_bit(tiny_pipe):
+    """The recorder's layers run their own fused attention in every forward it does not record (here all of them),
+    so no explicit attention is computed for the classifier-free-guidance forward."""
+    ours = sample(tiny_pipe, AttendAndExcite(max_iter_to_alter=0, thresholds={}), SPEC, [0], SETTINGS).latents
+    assert torch.equal(ours, _vanilla_latents_after(STEPS))

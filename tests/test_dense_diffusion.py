@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers.models.attention_processor import AttnProcessor
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -122,9 +123,12 @@ def test_matches_the_official_implementation(tiny_pipe):
     With the official run's text embeddings (transformers 4.39.3's tiny text encoder differs from this
     environment's by ~1e-6) the latents are bit-identical (measured: 0.0 at every step, with the two threads the
     fixture was made with; another thread count rounds differently, and on this random model that grows from
-    ~1e-5 at step 0 to ~3e-2 at step 9, as does the text encoders' ~1e-6).
+    ~1e-5 at step 0 to ~3e-2 at step 9, as does the text encoders' ~1e-6). Outside the modulation window the
+    official computes attention explicitly (`get_attention_scores`) where the method leaves the UNet's own
+    processors: here those are diffusers' explicit `AttnProcessor`, for the same float kernels.
     """
     set_scheduler(tiny_pipe, "ddim")
+    tiny_pipe.unet.set_attn_processor(AttnProcessor())
     golden = load_file(GOLDEN)
     spec = _spec()
     _with_official_embeddings(tiny_pipe, golden, spec)
@@ -211,8 +215,8 @@ def test_without_modulation_it_is_vanilla_with_the_spliced_text(tiny_pipe):
     tiny_pipe.encode_prompt = encode_prompt
     vanilla = sample(tiny_pipe, build_method({"name": "vanilla"}), spec, [0], SETTINGS)
     assert spliced
-    # measured 4.4e-5 on latents up to ~30 at 10 steps: the explicit attention of the hooks rounds unlike fused SDPA
-    assert torch.allclose(ours.latents, vanilla.latents, atol=2e-4), (ours.latents - vanilla.latents).abs().max()
+    # Outside the window the hooked layers run their own fused attention: bit for bit vanilla's.
+    assert torch.equal(ours.latents, vanilla.latents), (ours.latents - vanilla.latents).abs().max()
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------

@@ -389,3 +389,11 @@ def _tokenizer():
     from evalkit.models.tokenizer import clip_tokenizer
 
     return clip_tokenizer()
+
+
+def test_half_precision_model_takes_the_loss_in_float32(tiny_pipe):
+    """On a float16 pipeline (GPU runs) the maps are normalised in float32, as the official float32 run does;
+    float16 maps fail Categorical's simplex check."""
+    pipe = tiny_pipe.to(torch.float16)
+    latents = sample(pipe, SynGen(num_intervention_steps=1), SPEC, [0], SamplingSettings(1, 7.5, 128, 128)).latents
+    assert latents.dtype == torch.float16 and torch.isfinite(latents).all()

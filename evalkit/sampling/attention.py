@@ -2,8 +2,8 @@
 
 `ExplicitAttnProcessor` is diffusers' plain attention with the scores computed explicitly (as
 `Attention.get_attention_scores` does), so that a hook can edit the logits before the softmax and read or edit
-the probabilities after it. Only the layers a method needs get it; every other layer keeps PyTorch's fused
-attention.
+the probabilities after it. Only the layers a method needs get it, and only for the forwards its hook is `active`
+in; every other layer, and every other forward, keeps the layer's own processor (PyTorch's fused attention).
 """
 
 from __future__ import annotations
@@ -17,7 +17,12 @@ from diffusers.models.attention_processor import Attention
 
 class AttentionHook(Protocol):
     """What a method implements to see inside attention. `layer` is the module name, e.g.
-    `up_blocks.1.attentions.0.transformer_blocks.0.attn2`; tensors are (batch * heads, queries, keys)."""
+    `up_blocks.1.attentions.0.transformer_blocks.0.attn2`; tensors are (batch * heads, queries, keys).
+
+    `active` says whether the coming forwards need the hook: while it is false the hooked layers run their own
+    (fused) processors and the hook is not called, so forwards that read and edit nothing pay nothing."""
+
+    active: bool
 
     def edit_logits(self, layer: str, logits: torch.Tensor, is_cross: bool) -> torch.Tensor: ...
 
@@ -25,11 +30,14 @@ class AttentionHook(Protocol):
 
 
 class ExplicitAttnProcessor:
-    def __init__(self, layer: str, hook: AttentionHook):
+    def __init__(self, layer: str, hook: AttentionHook, own_processor):
         self.layer = layer
         self.hook = hook
+        self.own_processor = own_processor  # the layer's processor, for the forwards the hook is inactive in
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if not self.hook.active:
+            return self.own_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -126,7 +134,8 @@ class AttentionHooks:
         self._saved = dict(self.unet.attn_processors)
         processors = dict(self._saved)
         for layer in self.layers:
-            processors[layer + ".processor"] = ExplicitAttnProcessor(layer, self.hook)
+            key = layer + ".processor"
+            processors[key] = ExplicitAttnProcessor(layer, self.hook, self._saved[key])
         self.unet.set_attn_processor(processors)
         return self
 
@@ -137,23 +146,23 @@ class AttentionHooks:
 
 
 class CrossAttentionRecorder:
-    """Keeps each layer's cross-attention probabilities from the last forward while `recording` is on.
+    """Keeps each layer's cross-attention probabilities from the last forward while it is `active`.
 
-    Recording is switched on only around the forwards whose maps a method reads (the guidance forwards with
-    gradients), so the classifier-free-guidance forward pays nothing for it.
+    It is active only during `record`, the forwards whose maps a method reads (the guidance forwards with
+    gradients); every other forward (classifier-free guidance) runs the layers' fused attention.
     """
 
     def __init__(self, layers: list[str], resolution: int):
         self.layers = layers
         self.resolution = resolution
-        self.recording = False
+        self.active = False
         self.maps: dict[str, torch.Tensor] = {}
 
     def edit_logits(self, layer, logits, is_cross):
         return logits
 
     def edit_probs(self, layer, probs, is_cross):
-        if self.recording and is_cross:
+        if is_cross:
             self.maps[layer] = probs
         return probs
 
@@ -174,11 +183,11 @@ class CrossAttentionRecorder:
         return self._average_heads_and_layers(self._per_layer(batch_size))
 
     def _record_layers(self, unet, latents: torch.Tensor, t, encoder_hidden_states: torch.Tensor) -> list[torch.Tensor]:
-        self.recording = True
+        self.active = True
         try:
             unet(latents, t, encoder_hidden_states=encoder_hidden_states)
         finally:
-            self.recording = False
+            self.active = False
         per_layer = self._per_layer(batch_size=latents.shape[0])
         self.maps.clear()
         return per_layer
@@ -187,7 +196,7 @@ class CrossAttentionRecorder:
         """Each layer's maps as (batch, heads, res, res, tokens), in layer order."""
         missing = [n for n in self.layers if n not in self.maps]
         if missing:
-            raise RuntimeError(f"no attention recorded at {missing}: was recording on during the forward?")
+            raise RuntimeError(f"no attention recorded at {missing}: was the recorder active during the forward?")
         res = self.resolution
         return [self.maps[n].reshape(batch_size, -1, res, res, self.maps[n].shape[-1]) for n in self.layers]
 
