@@ -42,6 +42,12 @@ class SeparateAndEnhance(Method):
     """`checkpoint`: a finished finetune's checkpoint.safetensors (relative paths are from the project root)."""
 
     name = "sepen"
+    report_note = (
+        "Finetuned as the paper describes, not as the released code runs: the Separate and Enhance losses reach "
+        "every sample of the batch (the released attention store drops the first half) and use the concepts' true "
+        "token positions (the released large-scale script hard-codes positions that land on \"and\" and the end "
+        "token)."
+    )
 
     checkpoint: str = ""
 

@@ -57,3 +57,5 @@ def test_reproduce_target_runs_on_the_tiny_models(target, tmp_path, synthetic_co
         assert "| overhead | 48.8% |" in readme
     else:
         assert "not available" in readme
+    if target.startswith("reproduce-sepen"):  # the report says how our finetune differs from the released code
+        assert "## Notes on methods" in readme and "true token positions" in readme

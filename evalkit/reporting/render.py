@@ -445,6 +445,17 @@ def _grids_section(
     return Section("Image grids", blocks)
 
 
+def _method_notes_section(records: pd.DataFrame) -> Section | None:
+    """What each method in the report declares about its implementation (`Method.report_note`)."""
+    from evalkit.sampling.method import METHODS
+
+    notes = [(name, METHODS[name].report_note) for name in sorted(set(records.get("method", ())))
+             if name in METHODS and METHODS[name].report_note]
+    if not notes:
+        return None
+    return Section("Notes on methods", [Paragraph(f"{name}: {note}") for name, note in notes])
+
+
 def _scorers_section(summary: pd.DataFrame) -> Section:
     pairs = summary[["metric", "scorer"]].drop_duplicates().sort_values(["metric", "scorer"])
     return Section("Scorers", [Table(["metric", "scorer"], [[metric, str(scorer)] for metric, scorer in pairs.values])])
@@ -579,6 +590,7 @@ def write_report(
         ),
         None if paper is None else _paper_section(paper, all_summaries, overhead, labels),
         _failures_section(records, labels),
+        _method_notes_section(records),
         _plots_section(out_dir, all_summaries, labels, metric_labels, metric_info),
         _grids_section(out_dir, image_paths, records, labels, max_grids),
         _scorers_section(all_summaries),

@@ -48,11 +48,13 @@ class Method:
     """A method brings only what its paper adds to plain sampling; each hook's default is plain Stable Diffusion.
 
     Subclasses are dataclasses whose fields are the paper's hyperparameters (defaults in `conf/method/`).
-    `requires` names the prompt annotations the method reads: "subjects", "groups", "segments".
+    `requires` names the prompt annotations the method reads: "subjects", "groups", "segments". `report_note`:
+    what a reader of a report must know about our implementation (a deliberate difference from the paper's code).
     """
 
     name: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ()
+    report_note: ClassVar[str | None] = None
 
     def check(self, spec: PromptSpec, indexer) -> None:
         """Fail before any generation if the prompt is too long, lacks what the method needs or names words not in
