@@ -59,16 +59,8 @@ def check_group_choices(arguments: list[str]) -> None:
                 raise ConfigError(f"unknown {override.key_or_group} {name!r}; known: {', '.join(known)}")
 
 
-def _method_config(name: str) -> DictConfig:
-    path = PROJECT_ROOT / "conf" / "method" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise EvalkitError(f"unknown method {name!r}; known methods: {', '.join(known)}")
-    return OmegaConf.load(path)
-
-
 def run_all(cfg: DictConfig) -> None:
-    method_configs = [_method_config(name) for name in cfg.methods]  # all known before any image is made
+    method_configs = [stages.method_config(name) for name in cfg.methods]  # all known before any image is made
     for method in method_configs:
         build_method(OmegaConf.to_container(method, resolve=True))
     for scorer in cfg.scorers.values():

@@ -43,6 +43,15 @@ def _seeds(cfg: DictConfig) -> list[int]:
     return seeds
 
 
+def method_config(name: str) -> DictConfig:
+    """`conf/method/<name>.yaml`: what an experiment's `methods` entry names (e.g. `sepen_tiny`, a method `sepen`)."""
+    path = PROJECT_ROOT / "conf" / "method" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(known)}")
+    return OmegaConf.load(path)
+
+
 def sampling_settings(cfg: DictConfig) -> SamplingSettings:
     s = cfg.sampling
     return SamplingSettings(int(s.num_inference_steps), float(s.guidance_scale), int(s.resolution), int(s.resolution), float(s.eta))
@@ -310,7 +319,7 @@ def report(cfg: DictConfig) -> Path:
     store = ImageStore(project_path(cfg.store_root))
     manifests = read_manifests(cfg)
     records, images, tables, missing, damaged = [], [], [], [], []
-    for method in cfg.methods:
+    for method in (method_config(name).name for name in cfg.methods):
         if not any(manifest["method"] == method for manifest in manifests):
             wanted = len(_generation_wanted(cfg, cfg.dataset.name, cfg.dataset.path))
             missing.append(Missing(cfg.model.name, method, cfg.dataset.name, "generate", wanted, wanted,

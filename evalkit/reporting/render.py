@@ -447,10 +447,11 @@ def _grids_section(
 
 def _method_notes_section(records: pd.DataFrame) -> Section | None:
     """What each method in the report declares about its implementation (`Method.report_note`)."""
-    from evalkit.sampling.method import METHODS
+    from evalkit.sampling.method import registered_methods
 
-    notes = [(name, METHODS[name].report_note) for name in sorted(set(records.get("method", ())))
-             if name in METHODS and METHODS[name].report_note]
+    known = registered_methods()
+    names = sorted(set(records["method"])) if "method" in records else []
+    notes = [(name, known[name].report_note) for name in names if name in known and known[name].report_note]
     if not notes:
         return None
     return Section("Notes on methods", [Paragraph(f"{name}: {note}") for name, note in notes])

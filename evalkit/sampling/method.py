@@ -24,15 +24,25 @@ def register_method(cls: type["Method"]) -> type["Method"]:
     return cls
 
 
+def registered_methods() -> dict[str, type["Method"]]:
+    """Every method by name (importing `methods` registers each method module)."""
+    import methods  # noqa: F401
+
+    return METHODS
+
+
+def method_class(name: str) -> type["Method"]:
+    known = registered_methods()
+    if name not in known:
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(known))}")
+    return known[name]
+
+
 def build_method(config: Mapping[str, Any]) -> "Method":
     """Instantiate the method a `conf/method/*.yaml` describes: `name` plus the method's parameters."""
-    import methods  # noqa: F401  (registers every method module)
-
     params = dict(config)
     name = params.pop("name", None)
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
-    cls = METHODS[name]
+    cls = method_class(name)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(params) - fields
     if unknown:
