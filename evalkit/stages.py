@@ -162,13 +162,13 @@ def generate(cfg: DictConfig) -> None:
     }
     with tqdm(total=to_generate, desc=f"generate {variant}", unit="img") as progress:
         for spec, chunk in todo:
-            result = sample(pipe, method, spec, chunk, settings, indexer)
+            result = sample(pipe, method, spec, chunk, settings, indexer, cuda_graphs=bool(cfg.cuda_graphs))
             for seed, image, failed in zip(chunk, result.images, result.failed_step):
                 record = dict(
                     base_record, prompt_id=spec.id, prompt=spec.prompt, seed=seed,
                     status="ok" if failed is None else "failed", failed_step=failed,
                     seconds_per_image=result.seconds / len(chunk), batch_size=len(chunk),
-                    batch_seconds=result.seconds, peak_memory_bytes=result.peak_memory_bytes,
+                    batch_seconds=result.seconds, peak_memory_bytes=result.peak_memory_bytes, method_notes=result.notes,
                     created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 )
                 store.put(ImageKey(model, variant, dataset, spec.id, seed), image if failed is None else None, record)
@@ -332,7 +332,8 @@ def report(cfg: DictConfig) -> Path:
         for key, record in readable.items():
             records.append({"model": key.model, "method": key.method, "variant": key.variant, "dataset": key.dataset,
                             "prompt_id": key.prompt_id, "seed": key.seed, "prompt": record.get("prompt"),
-                            "status": record.get("status"), "failed_step": record.get("failed_step")})
+                            "status": record.get("status"), "failed_step": record.get("failed_step"),
+                            "batch_size": record.get("batch_size"), "method_notes": record.get("method_notes", [])})
             generated.add((key.prompt_id, key.seed))
             if record.get("status") != "ok":
                 continue
@@ -361,6 +362,7 @@ def report(cfg: DictConfig) -> Path:
     scores = pd.concat(present, ignore_index=True) if present else pd.DataFrame(columns=SCORE_COLUMNS)
     out_dir = project_path(cfg.report_dir)
     index = write_report(out_dir, cfg.title, scores, pd.DataFrame(records), manifests + read_scoring_manifests(cfg),
-                         pd.DataFrame(images), cfg.get("notice"), metric_info, paper_table(cfg), missing=missing)
+                         pd.DataFrame(images), cfg.get("notice"), metric_info, paper_table(cfg), missing=missing,
+                         timing_note=cfg.get("timing_note"))
     print(f"report written: {index} (and {out_dir / 'README.md'})")
     return index

@@ -4,8 +4,8 @@ subject token gets a strong peak in the 16x16 cross-attention maps.
 Follows the official repository (yuval-alaluf/Attend-and-Excite) and diffusers'
 `StableDiffusionAttendAndExcitePipeline`, which compute bit-identical latents. Per image and loop index i:
 
-1. A UNet forward with the conditional embedding only (batch 1, gradients on, no `scale_model_input`, as the
-   reference does) records the cross-attention at 16x16; the maps are averaged over heads and layers.
+1. A UNet forward with the conditional embedding only (gradients on, no `scale_model_input`, as the reference
+   does) records the cross-attention at 16x16; the maps are averaged over heads and layers.
 2. Each subject token's map (softmax over the text tokens of 100 x maps) is smoothed; the loss is
    max_s max(0, 1 - max(map_s)).
 3. At the refinement indices (`thresholds`), while loss > 1 - threshold, step the latent and recompute, at most
@@ -13,6 +13,10 @@ Follows the official repository (yuval-alaluf/Attend-and-Excite) and diffusers'
 4. While i < `max_iter_to_alter` and loss != 0: z <- z - step_size[i] * dloss/dz.
 
 The classifier-free-guidance step of the shared loop then uses the updated latent.
+
+The reference guides one image at a time; here the images of a batch share each forward and backward
+(`evalkit.sampling.attention_guidance`), and each still gets exactly its own gradient and stops refining when its
+own loss reaches the threshold.
 """
 
 from __future__ import annotations
@@ -27,24 +31,22 @@ from evalkit.sampling.smoothing import smooth
 
 
 def subject_maxima(attention_maps: torch.Tensor, token_indices: list[int], kernel: torch.Tensor | None) -> torch.Tensor:
-    """The peak of each subject token's map, from (res, res, 77) maps averaged over heads and layers.
+    """The peak of each subject token's map, (..., subjects), from (..., res, res, 77) maps averaged over heads and
+    layers.
 
     The softmax runs over the text tokens without SOT and the last position (EOT and padding stay in, as in
     A&E for SD 1.x); the x100 sharpens it. Token indices count SOT as 0, hence the -1 shift.
     """
     text_attention = softmax_over_text_tokens(attention_maps)
-    maxima = []
-    for index in token_indices:
-        subject_map = text_attention[:, :, index - 1]
-        if kernel is not None:
-            subject_map = smooth(subject_map, kernel)
-        maxima.append(subject_map.max())
-    return torch.stack(maxima)
+    subject_maps = torch.stack([text_attention[..., index - 1] for index in token_indices], dim=-3)
+    if kernel is not None:
+        subject_maps = smooth(subject_maps, kernel)
+    return subject_maps.amax(dim=(-2, -1))
 
 
 def attend_and_excite_loss(maxima: torch.Tensor) -> torch.Tensor:
-    """max over subjects of max(0, 1 - peak): the most neglected subject sets the loss."""
-    return torch.clamp(1.0 - maxima, min=0.0).max()
+    """max over subjects of max(0, 1 - peak): the most neglected subject sets the loss. `maxima`: (..., subjects)."""
+    return torch.clamp(1.0 - maxima, min=0.0).amax(dim=-1)
 
 
 @register_method
@@ -74,10 +76,11 @@ class AttendAndExcite(AttentionGuidance):
     def guides_at(self, i):
         return i < self.max_iter_to_alter or i in self.thresholds
 
-    def refinement(self, i, loss):
-        if i in self.thresholds and loss > 1.0 - self.thresholds[i]:
-            return self.max_refinement_steps, max(0.0, 1.0 - self.thresholds[i])
-        return None
+    def refinement(self, i):
+        # The reference refines the images whose loss > 1 - threshold, towards max(0, 1 - threshold). Refining those
+        # above the target is the same, but for a threshold above 1 and a loss of 0, which it refines for no
+        # iteration and measures again unchanged.
+        return (self.max_refinement_steps, max(0.0, 1.0 - self.thresholds[i])) if i in self.thresholds else None
 
-    def attention_loss(self, run, image, maps):
+    def attention_loss(self, run, images, maps):
         return attend_and_excite_loss(subject_maxima(maps, run.state["token_indices"], run.state["kernel"]))

@@ -9,7 +9,7 @@ Follows the official repository (YaNgZhAnG-V5/attention_regulation, commit b66d9
    start-token column and first end-token column are kept.
 2. On the conditional rows only, as (heads, w, w, 77) maps: an additive edit A of the target tokens' logits,
    A_t = sum_k theta_{k,t} G_k (paper Eq. 10-12), where G_k are Gaussian bumps of sigma = w // 16 centred on the
-   grid range(2 sigma, w, 2 sigma)^2 (49 centres at 16x16) and theta ~ U[0, 1), drawn afresh at every layer call.
+   grid range(2 sigma, w, 2 sigma)^2 (49 centres at 16x16) and theta ~ U[0, 1), drawn afresh for every layer call.
 3. `iterations` steps of plain gradient descent on theta (paper Eq. 13, learning rate eta = `lr`) of
    L = gamma * mean_t (q_0.9(M_t) - 0.9)^2 + delta * mean_t (mean(M_t) - mu)^2 + epsilon * mean(theta^2)
    with M = softmax(S + A)[..., targets] and mu = min(1, 0.2 n) / n for n targets. This is the code's form of the
@@ -30,7 +30,7 @@ Differences from the official code, each so that an image depends only on its pr
 * Random weights: the official code draws theta for the whole batch, (batch * heads, 49, n), from the global
   (CUDA) RNG. Here each image draws its (heads, 49, n) from its own generator, `run.generators[k]`: the loop's CPU
   generator seeded with the image's seed, continued after the initial noise, one draw per edited layer call in
-  forward order. For one image on a CPU this is the official stream after `torch.manual_seed(seed)` (initial
+  forward order (all of a step's draws are made just before its UNet forward, which leaves each stream as it was). For one image on a CPU this is the official stream after `torch.manual_seed(seed)` (initial
   noise, then the draws), which the parity test relies on.
 * Best iterate: the official code keeps the iteration with the lowest loss summed over the whole batch; here
   each image keeps its own (over its heads and targets, as the official code does for a batch of one). The
@@ -104,25 +104,113 @@ def regulation_loss(
     )
 
 
-class AttentionRegulationHook:
-    """Edits the conditional logits of the regulated layers while `step` < edit_steps (see the module docstring)."""
+def optimise_edit(
+    method: "AttentionRegulation", scores: torch.Tensor, weights: torch.Tensor, basis: torch.Tensor,
+    targets: torch.Tensor, images: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 13 for one layer call: `iterations` gradient steps on the basis weights theta from their random start.
+    `scores` (images * heads, w, w, tokens) are the conditional logits, `weights` (images * heads, centres, 1, 1,
+    targets) the random start, `basis` (1, centres, w, w, 1). Returns (the start's edit A, each image's best edit),
+    both (images * heads, w, w, targets). Pure tensor code with no branch on a tensor's value, so that on a GPU the
+    whole optimisation is captured once as a CUDA graph and replayed (`CapturedOptimisation`)."""
+    m = method
+    heads = scores.shape[0] // images
+    n_targets = targets.shape[0]
+    proportion = min(1.0, m.proportion * n_targets) / n_targets
+    initial = torch.sum(basis * weights, dim=1)
+    best = torch.zeros_like(initial)
+    best_loss = torch.full((images,), float("inf"), device=scores.device)
+    with torch.enable_grad():
+        for _ in range(m.iterations):
+            weights.requires_grad_(True)
+            edit = torch.sum(basis * weights, dim=1)
+            additive = torch.zeros_like(scores, dtype=torch.float32)
+            additive[..., targets] = edit
+            maps = (scores + additive).softmax(dim=-1)[..., targets]
+            loss = regulation_loss(
+                maps, weights, images, proportion, m.quantile, m.quantile_target,
+                m.quantile_weight, m.proportion_weight, m.regularisation_weight,
+            )
+            better = (loss < best_loss).detach()
+            best_loss = torch.where(better, loss.detach(), best_loss)
+            best = torch.where(better.repeat_interleave(heads).view(-1, 1, 1, 1), edit.detach(), best)
+            (grad,) = torch.autograd.grad(loss.sum(), [weights])
+            weights = (weights - heads * m.lr * grad).detach()
+    return initial, best
 
-    def __init__(self, method: "AttentionRegulation", run, targets: list[int], end_token: int):
+
+class CapturedOptimisation:
+    """`optimise_edit` captured as a CUDA graph for one shape of inputs. Eager, one layer call is ~1,200 tiny
+    kernels (20 iterations of forward and backward) whose launches, not their arithmetic, set its time; a replay
+    launches them all at once. Replays compute bit for bit what the eager calls compute."""
+
+    def __init__(self, method, scores, weights, basis, targets, images):
+        self.scores, self.weights = scores.clone(), weights.clone()
+        self.basis, self.targets = basis, targets  # the graph reads them where they are: keep them alive
+
+        def run():
+            return optimise_edit(method, self.scores, self.weights, self.basis, self.targets, images)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graph requires
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = run()
+
+    def __call__(self, scores, weights):
+        self.scores.copy_(scores)
+        self.weights.copy_(weights)
+        self.graph.replay()
+        return tuple(output.clone() for output in self.outputs)  # the next replay overwrites them
+
+
+class AttentionRegulationHook:
+    """Edits the conditional logits of the regulated layers while `step` < edit_steps (see the module docstring).
+
+    `layers` maps each regulated layer, in forward order, to (heads, width) of its maps. `begin_step` draws the
+    step's random weights for every layer at once, before the step's UNet forward (each image's draws in layer
+    order, as the per-call draws of the official code), and moves them to the device in one copy."""
+
+    def __init__(self, method: "AttentionRegulation", run, targets: list[int], end_token: int, layers: dict[str, tuple[int, int]]):
         self.method = method
         self.images = run.batch_size
         self.halves = 2 if run.do_guidance else 1  # rows are [unconditional; conditional] with guidance
         self.generators = run.generators
-        self.targets = torch.tensor(targets, device=run.unet.device)
+        self.device = run.unet.device
+        self.target_positions = tuple(targets)
+        self.targets = torch.tensor(targets, device=self.device)
         self.end_token = end_token
+        self.layers = layers
         self.step = 0
+        self.draws: dict[str, torch.Tensor] = {}  # layer -> this step's random start of theta
         self.basis: dict[int, torch.Tensor] = {}  # width -> (1, centres, w, w, 1)
         self.previous: dict[str, torch.Tensor] = {}  # layer -> its optimum A at the previous step, pre-average
         self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> P0's start/end columns
+        self.captured: dict[tuple, CapturedOptimisation] = method.captured_optimisations
 
     @property
     def active(self) -> bool:
         """The official hooks recompute attention through step `edit_steps` (unedited there), then go."""
         return self.step <= self.method.edit_steps
+
+    def begin_step(self, i: int) -> None:
+        self.step = i
+        if i >= self.method.edit_steps:
+            self.draws = {}
+            return
+        n_targets = len(self.targets)
+        shapes = [(heads, centre_count(width), n_targets) for heads, width in self.layers.values()]
+        per_image = torch.stack([torch.cat([torch.rand(shape, generator=g).flatten() for shape in shapes]) for g in self.generators])
+        if self.device.type == "cuda":
+            per_image = per_image.pin_memory().to(self.device, non_blocking=True)  # no wait for the GPU's queue
+        draws = per_image.split([math.prod(shape) for shape in shapes], dim=1)
+        self.draws = {
+            layer: draw.reshape(-1, shape[1], 1, 1, n_targets)  # (images * heads, centres, 1, 1, targets)
+            for layer, draw, shape in zip(self.layers, draws, shapes)
+        }
 
     def edit_logits(self, layer, logits, is_cross):
         if self.step >= self.method.edit_steps:
@@ -135,7 +223,7 @@ class AttentionRegulationHook:
         self.kept[layer] = (unedited[:, :, 0], unedited[:, :, self.end_token])
         scores = conditional.reshape(rows, width, width, -1)
         additive = torch.zeros_like(scores, dtype=torch.float32)
-        additive[..., self.targets] = self._optimum(layer, scores, heads)
+        additive[..., self.targets] = self._optimum(layer, scores)
         edited = (scores + self.method.decay**self.step * additive).to(torch.float16)
         logits[-rows:] = edited.reshape(conditional.shape)
         return logits
@@ -148,42 +236,29 @@ class AttentionRegulationHook:
         probs[-end.shape[0] :, :, self.end_token] = end
         return probs
 
-    def _optimum(self, layer: str, scores: torch.Tensor, heads: int) -> torch.Tensor:
+    def _optimum(self, layer: str, scores: torch.Tensor) -> torch.Tensor:
         """The moving-averaged additive edit of the target tokens, (images * heads, w, w, targets)."""
-        m = self.method
         width = scores.shape[1]
         if width not in self.basis:
             self.basis[width] = gaussian_basis(width).to(scores.device)[None, :, :, :, None]
-        basis = self.basis[width]
-        n_targets = len(self.targets)
-        proportion = min(1.0, m.proportion * n_targets) / n_targets
-        draws = [torch.rand((heads, basis.shape[1], n_targets), generator=g) for g in self.generators]
-        weights = torch.cat(draws).to(scores.device)[:, :, None, None, :]  # (rows, centres, 1, 1, targets)
-        initial = torch.sum(basis * weights, dim=1)
-
-        best = torch.zeros_like(initial)
-        best_loss = torch.full((self.images,), float("inf"), device=scores.device)
-        with torch.enable_grad():
-            for _ in range(m.iterations):
-                weights.requires_grad_(True)
-                edit = torch.sum(basis * weights, dim=1)
-                additive = torch.zeros_like(scores, dtype=torch.float32)
-                additive[..., self.targets] = edit
-                maps = (scores + additive).softmax(dim=-1)[..., self.targets]
-                loss = regulation_loss(
-                    maps, weights, self.images, proportion, m.quantile, m.quantile_target,
-                    m.quantile_weight, m.proportion_weight, m.regularisation_weight,
-                )
-                better = (loss < best_loss).detach()
-                best_loss = torch.where(better, loss.detach(), best_loss)
-                better_rows = better.repeat_interleave(heads)
-                best[better_rows] = edit.detach()[better_rows]
-                (grad,) = torch.autograd.grad(loss.sum(), [weights])
-                weights = (weights - heads * m.lr * grad).detach()
-
+        basis, weights = self.basis[width], self.draws[layer]
+        if scores.is_cuda:
+            key = (tuple(scores.shape), scores.dtype, tuple(weights.shape), self.target_positions, self.images, scores.device)
+            if key not in self.captured:
+                self.captured[key] = CapturedOptimisation(self.method, scores, weights, basis, self.targets, self.images)
+            initial, best = self.captured[key](scores, weights)
+        else:
+            initial, best = optimise_edit(self.method, scores, weights, basis, self.targets, self.images)
+        m = self.method
         previous = self.previous.get(layer, initial)
         self.previous[layer] = best
         return previous * m.moving_average + best * (1 - m.moving_average)
+
+
+def centre_count(width: int) -> int:
+    """How many Gaussian bumps `gaussian_basis(width)` has."""
+    sigma = width // BASIS_WIDTH_PER_SIGMA
+    return len(range(2 * sigma, width, 2 * sigma)) ** 2
 
 
 @register_method
@@ -208,6 +283,8 @@ class AttentionRegulation(Method):
     quantile_weight: float = 1.0
     proportion_weight: float = 80.0
     regularisation_weight: float = 0.09
+    # CUDA graphs of the optimisation by input shape, kept across sampling calls (not a hyperparameter)
+    captured_optimisations: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.layers, str):
@@ -245,7 +322,11 @@ class AttentionRegulation(Method):
         targets = [position for word in run.indexer.subject_indices(run.spec) for position in word]
         # The first end token: the number of tokens with start and end, minus one.
         end_token = run.indexer.check_length(run.spec.id, run.spec.prompt) - 1
-        run.state["hook"] = AttentionRegulationHook(self, run, targets, end_token)
+        shapes = {
+            layer: (run.unet.get_submodule(layer).heads, run.latent_size // layer_downsampling(run.unet, layer))
+            for layer in layers
+        }
+        run.state["hook"] = AttentionRegulationHook(self, run, targets, end_token, shapes)
         run.state["hooks"] = AttentionHooks(run.unet, layers, run.state["hook"]).install()
 
     def teardown(self, run):
@@ -253,5 +334,5 @@ class AttentionRegulation(Method):
             run.state.pop("hooks").remove()
 
     def predict_noise(self, run, i, t, latents):
-        run.state["hook"].step = i
+        run.state["hook"].begin_step(i)
         return run.guided_noise(t, latents)

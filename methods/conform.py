@@ -3,10 +3,11 @@ cross-attention maps of the tokens of one object (attribute and noun) look alike
 look different, by a contrastive loss over the maps of this and the previous step.
 
 Follows the official repository (gemlab-vt/CONFORM, `pipeline_conform.py`) with the settings of its notebook.
-Per image and loop index i (the A&E-style procedure of `evalkit.sampling.attention_guidance`):
+Per image and loop index i (the A&E-style procedure of `evalkit.sampling.attention_guidance`, where the images of
+a batch share each forward and backward and each gets exactly its own gradient):
 
-1. A UNet forward with the conditional embedding only (batch 1, gradients on) records the cross-attention at
-   16x16, averaged over heads and layers.
+1. A UNet forward with the conditional embedding only (gradients on) records the cross-attention at 16x16,
+   averaged over heads and layers.
 2. Every token of every group gives an embedding: its smoothed map, flattened; its class is its group. With
    `add_previous_attention_maps`, the same tokens' maps from the last guidance forward of step i-1 are added with
    the same classes. The loss is InfoNCE (pytorch-metric-learning's NTXentLoss, cosine similarity, `temperature`)
@@ -21,7 +22,7 @@ Differences from the official code, both where it is broken: it multiplies the s
 in place on every loss call when `softmax_normalize` is on (its `__call__` default), which overflows to NaN after
 the ~22 calls of a refinement step; here they are left intact, so every call computes softmax(100 x maps). Its
 batched path keeps only the first image (it zips the latents with its one token-group list); here every image
-of the batch is guided alone against its own previous maps, which equals the official run for each seed.
+of the batch is guided against its own previous maps, as the official run of that seed alone.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class Conform(AttentionGuidance):
         run.state["token_groups"] = [
             [index for word in group for index in word] for group in run.indexer.group_indices(run.spec)
         ]
-        run.state["latest_maps"] = {}
+        run.state["latest_maps"] = None
 
     def _alters(self, i: int) -> bool:
         return i < self.max_iter_to_alter or i in self.iterative_refinement_steps
@@ -122,23 +123,33 @@ class Conform(AttentionGuidance):
         # Step i's maps are the previous maps of step i + 1.
         return self._alters(i) or (self.add_previous_attention_maps and self._alters(i + 1))
 
-    def refinement(self, i, loss):
+    def refinement(self, i):
         return (self.refinement_steps, float("-inf")) if i in self.iterative_refinement_steps else None
 
     def update_latents(self, run, i, t, latents):
         # Each image's maps of its last guidance forward at step i - 1 (the official code aggregates them after
         # the guidance of step i - 1, before its classifier-free-guidance forward); none at the first step.
-        run.state["previous_maps"] = run.state["latest_maps"] if self.add_previous_attention_maps else {}
-        run.state["latest_maps"] = {}
+        run.state["previous_maps"] = run.state["latest_maps"] if self.add_previous_attention_maps else None
+        run.state["latest_maps"] = None
         return super().update_latents(run, i, t, latents)
 
-    def attention_loss(self, run, image, maps):
-        run.state["latest_maps"][image] = maps.detach()
-        return conform_loss(
-            maps,
-            run.state["previous_maps"].get(image),
-            run.state["token_groups"],
-            run.state["kernel"],
-            self.temperature,
-            self.softmax_normalize,
+    def attention_loss(self, run, images, maps):
+        # Each image's maps of its latest forward at this step (the first forward of a step runs every image).
+        latest = run.state["latest_maps"]
+        run.state["latest_maps"] = maps.detach() if latest is None else latest.index_copy(0, images, maps.detach())
+        previous = run.state["previous_maps"]
+        previous = None if previous is None else previous[images]
+        # A loop over the images: NTXentLoss takes one set of embeddings.
+        return torch.stack(
+            [
+                conform_loss(
+                    maps[k],
+                    None if previous is None else previous[k],
+                    run.state["token_groups"],
+                    run.state["kernel"],
+                    self.temperature,
+                    self.softmax_normalize,
+                )
+                for k in range(len(maps))
+            ]
         )

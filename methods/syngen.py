@@ -5,9 +5,9 @@ the rest of the prompt.
 Follows the official repository (RoyiRa/Linguistic-Binding-in-Diffusion-Models, `syngen_diffusion_pipeline.py`
 and `compute_loss.py`). Per image and loop index i < `num_intervention_steps`:
 
-1. A UNet forward with the conditional embedding only (batch 1, gradients on, no `scale_model_input`) records the
-   16x16 cross-attention, averaged over heads and layers, and multiplies it by 100 (no softmax, no smoothing).
-   Every token position of the 77 keeps its own map.
+1. A UNet forward with the conditional embedding only (gradients on, no `scale_model_input`) records the 16x16
+   cross-attention, averaged over heads and layers, and multiplies it by 100 (no softmax, no smoothing). Every
+   token position of the 77 keeps its own map.
 2. For each group (modifiers M, noun n) and each m in M, with KLsym(a, b) = (KL(a||b) + KL(b||a)) / 2 of two maps
    each normalised to sum 1, and O = the prompt's token positions 1..len-2 outside the group:
        L_m = KLsym(m, n) - 1/2 [ mean_{o in O} KLsym(n, o) + mean_{o in O} KLsym(m, o) ]
@@ -18,6 +18,10 @@ and `compute_loss.py`). Per image and loop index i < `num_intervention_steps`:
 
 The classifier-free-guidance step of the shared loop then uses the updated latent.
 
+The official pipeline guides one image at a time; here one forward runs the whole batch, each image's loss comes
+from its own maps, and one backward of their sum gives each image exactly its own gradient (the UNet treats the
+samples of a batch independently).
+
 Groups come from the prompt set (`groups`: modifiers then noun, e.g. [["red", "car"], ["blue", "bowl"]]) or,
 when it gives none, from a spaCy dependency parse by the official rules (`evalkit.parsing`). Nothing is kept
 between prompts: the groups live in the sampling call's state (the official pipeline caches its first parse).
@@ -25,6 +29,7 @@ between prompts: the groups live in the sampling call's state (the official pipe
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from dataclasses import dataclass, replace
@@ -39,20 +44,27 @@ from evalkit.sampling.method import Method, register_method
 
 log = logging.getLogger("evalkit")
 
+NO_GROUP_NOTE = (
+    "no modifier-noun pair in the prompt: sampled as plain Stable Diffusion (the official code still runs its "
+    "guidance forward and backward at every intervention step, with a loss of 0)"
+)
+
 Word = list[int]  # the token positions of one word (several for a word the tokenizer splits)
 
 
 def symmetric_kl(map_a: torch.Tensor, map_b: torch.Tensor) -> torch.Tensor:
-    """(KL(p||q) + KL(q||p)) / 2 of two maps, each flattened and normalised to sum 1 (as the official code does,
-    through torch.distributions.Categorical, whose logits clamp probabilities to [eps, 1 - eps])."""
-    p = distributions.Categorical(probs=map_a.reshape(-1))
-    q = distributions.Categorical(probs=map_b.reshape(-1))
+    """(KL(p||q) + KL(q||p)) / 2 of two (..., res, res) maps, each flattened and normalised to sum 1 (as the official
+    code does, through torch.distributions.Categorical, whose logits clamp probabilities to [eps, 1 - eps])."""
+    p = distributions.Categorical(probs=map_a.flatten(-2))
+    q = distributions.Categorical(probs=map_b.flatten(-2))
     return (distributions.kl_divergence(p, q) + distributions.kl_divergence(q, p)) / 2
 
 
 def word_distance(maps: torch.Tensor, word_a: Word, word_b: Word) -> torch.Tensor:
-    """KLsym of two words: the max over their pieces' maps. `maps` is (res, res, tokens)."""
-    return max(symmetric_kl(maps[..., a], maps[..., b]) for a, b in itertools.product(word_a, word_b))
+    """KLsym of two words: the max over their pieces' maps. `maps` is (..., res, res, tokens)."""
+    distances = [symmetric_kl(maps[..., a], maps[..., b]) for a, b in itertools.product(word_a, word_b)]
+    # Python's max of the official code, per image: the first of equal maxima (and its gradient) is kept.
+    return functools.reduce(lambda kept, distance: torch.where(distance > kept, distance, kept), distances)
 
 
 def mean_distance_to_outside(maps: torch.Tensor, word: Word, outside: list[int]) -> torch.Tensor:
@@ -76,8 +88,8 @@ def group_terms(maps: torch.Tensor, group: list[Word], prompt_positions: list[in
 
 
 def syngen_loss(maps: torch.Tensor, groups: list[list[Word]], prompt_positions: list[int]) -> torch.Tensor:
-    """Sum of every group's terms. `maps`: (res, res, tokens), x100 as the official code scales them (KLsym does
-    not depend on the scale); `prompt_positions`: the token positions between SOT and EOT."""
+    """Sum of every group's terms, per image: (...) from (..., res, res, tokens) maps, x100 as the official code
+    scales them (KLsym does not depend on the scale); `prompt_positions`: the token positions between SOT and EOT."""
     loss = 0.0
     for group in groups:
         positive, negative = group_terms(maps, group, prompt_positions)
@@ -127,6 +139,8 @@ class SynGen(Method):
         run.state["groups"] = groups
         if not groups:  # the official loss is 0 then, and the latents stay as they are
             log.warning("%s: prompt %r has no modifier-noun group; it runs as plain Stable Diffusion", self.name, run.spec.id)
+            # Its time is vanilla's, where the official code still runs (and pays for) its guidance forwards.
+            run.notes.append(NO_GROUP_NOTE)
             return
         layers = layers_at_resolution(run.unet, run.latent_size, self.attention_res, places=("up", "down", "mid"))
         if not layers:
@@ -146,16 +160,14 @@ class SynGen(Method):
     def update_latents(self, run, i, t, latents):
         if i >= self.num_intervention_steps or not run.state["groups"]:
             return latents
-        updated = []
         with torch.enable_grad():
-            for k in range(run.batch_size):
-                latent = latents[k : k + 1].detach().requires_grad_(True)
-                # float32 as the official run (fp32 pipeline); in float16 the normalised maps fail Categorical's
-                # simplex check (sum within 1e-6). A no-op on a float32 model.
-                maps = 100 * run.state["recorder"].record(run.unet, latent, t, run.cond_embeds[k : k + 1])[0].float()
-                loss = syngen_loss(maps, run.state["groups"], run.state["prompt_positions"])
-                if torch.is_tensor(loss):  # 0.0 only when every group is a lone noun filling the whole prompt
-                    (grad,) = torch.autograd.grad(loss, [latent])
-                    latent = latent - self.step_size * grad
-                updated.append(latent.detach())
-        return torch.cat(updated)
+            latents = latents.detach().requires_grad_(True)
+            # float32 as the official run (fp32 pipeline); in float16 the normalised maps fail Categorical's
+            # simplex check (sum within 1e-6). A no-op on a float32 model.
+            maps = 100 * run.state["recorder"].record(run.unet, latents, t, run.cond_embeds).float()
+            losses = syngen_loss(maps, run.state["groups"], run.state["prompt_positions"])
+            if not torch.is_tensor(losses):  # 0.0 only when every group is a lone noun filling the whole prompt
+                return latents.detach()
+            # The gradient of the sum is each image's own: the images of the forward do not interact.
+            (grad,) = torch.autograd.grad(losses.sum(), [latents])
+        return (latents - self.step_size * grad).detach()

@@ -1,4 +1,5 @@
 import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -88,6 +89,84 @@ def test_each_image_of_a_batch_is_guided_alone(tiny_pipe):
     batch = sample(tiny_pipe, method, SPEC, [0, 1], SETTINGS)
     alone = sample(tiny_pipe, method, SPEC, [1], SETTINGS)
     assert torch.allclose(batch.latents[1], alone.latents[0], atol=1e-4)
+
+
+def _recording_losses(method: AttendAndExcite) -> list[list[float]]:
+    """Each guidance forward's losses, one per image it ran."""
+    losses = []
+    attention_loss = method.attention_loss
+
+    def recording(run, images, maps):
+        loss = attention_loss(run, images, maps)
+        losses.append(loss.tolist())
+        return loss
+
+    method.attention_loss = recording
+    return losses
+
+
+def test_an_image_that_reaches_its_threshold_stops_refining_as_it_would_alone(tiny_pipe):
+    """A target between seed 0's losses before its 3rd and 4th refinement iterations, which seed 1 never reaches:
+    in a batch, seed 0 stops after 3 iterations and seed 1 goes on to 4, each as alone."""
+    settings = SamplingSettings(num_inference_steps=1, guidance_scale=7.5, height=128, width=128)
+    reduced = dict(max_iter_to_alter=1, max_refinement_steps=4)
+
+    def run(seeds, threshold):
+        method = AttendAndExcite(**reduced, thresholds={0: threshold})
+        losses = _recording_losses(method)
+        return sample(tiny_pipe, method, SPEC, seeds, settings).latents, losses
+
+    # The losses checked before iterations 1..4 are those of the first 4 forwards (the initial one and 3 refining).
+    _, unreached_0 = run([0], threshold=0.5)
+    alone_1, unreached_1 = run([1], threshold=0.5)
+    target = (unreached_0[2][0] + unreached_0[3][0]) / 2
+    assert unreached_0[3][0] <= target < unreached_0[2][0] and min(loss for (loss,) in unreached_1[:4]) > target
+    alone_0, stopping_0 = run([0], threshold=1.0 - target)
+    batch, in_batch = run([0, 1], threshold=1.0 - target)
+    print("target", target, "seed 0 alone:", stopping_0, "batch:", in_batch)
+    assert len(stopping_0) == 5 and len(unreached_1) == 6  # initial, 3 or 4 iterations, final
+    assert [len(losses) for losses in in_batch] == [2, 2, 2, 2, 1, 2]  # the 4th iteration runs seed 1 only
+    assert torch.allclose(batch[0], alone_0[0], atol=1e-4)
+    assert torch.allclose(batch[1], alone_1[0], atol=1e-4)
+
+
+class _SquaredLatent(AttendAndExcite):
+    """A&E's schedule on a loss with a known course: the recorder stub hands each latent through as its maps, and
+    the loss is its square. A step of 0.25 halves the latent: z - 0.25 * 2z."""
+
+    def attention_loss(self, run, images, maps):
+        return maps.pow(2).flatten(1).sum(1)
+
+
+def _guide_once(latents: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
+    """Loop index 0 of `_SquaredLatent` (target 0.1, at most 6 iterations); the images each forward ran."""
+    forwards = []
+
+    def record(unet, latents, t, encoder_hidden_states):
+        forwards.append(encoder_hidden_states.flatten().int().tolist())  # each image's embedding is its index
+        return latents
+
+    images = len(latents)
+    run = SimpleNamespace(
+        batch_size=images,
+        unet=None,
+        cond_embeds=torch.arange(images, dtype=torch.float32)[:, None],
+        state={"recorder": SimpleNamespace(record=record), "step_sizes": [0.25], "kernel": None},
+    )
+    method = _SquaredLatent(max_iter_to_alter=1, thresholds={0: 0.9}, max_refinement_steps=6)
+    return method.update_latents(run, 0, None, latents), forwards
+
+
+def test_refinement_stops_per_image_and_equals_each_image_alone():
+    """Latents 1, 64 and 0.25 (losses 1, 4096, 0.0625; target 0.1): the first stops after 3 iterations, the
+    second refines all 6, the third is at its target and only takes the final step on the first forward."""
+    latents = torch.tensor([1.0, 64.0, 0.25]).view(3, 1, 1, 1)
+    batch, forwards = _guide_once(latents)
+    assert forwards == [[0, 1, 2], [0, 1], [0, 1], [0, 1], [1], [1], [1], [0, 1]]
+    assert batch.flatten().tolist() == [1 / 16, 1 / 2, 1 / 8]
+    for image in range(3):
+        alone, _ = _guide_once(latents[image : image + 1])
+        assert torch.equal(alone[0], batch[image])
 
 
 def _vanilla_latents_after(index: int) -> torch.Tensor:

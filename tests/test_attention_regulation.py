@@ -100,7 +100,9 @@ def _layer_hook(method, generators):
     """A hook as `setup` builds it, for logits of one regulated layer without guidance (all rows conditional)."""
     cpu_unet = SimpleNamespace(device=torch.device("cpu"))
     run = SimpleNamespace(batch_size=len(generators), do_guidance=False, generators=generators, unet=cpu_unet)
-    return AttentionRegulationHook(method, run, TARGETS, END_TOKEN)
+    hook = AttentionRegulationHook(method, run, TARGETS, END_TOKEN, {LAYER: (HEADS, 16)})
+    hook.begin_step(0)  # draws the random start of loop index 0
+    return hook
 
 
 def _official_logits(golden, step):
@@ -125,7 +127,8 @@ def test_one_layer_edit_equals_the_official_edit(golden):
     hook = _layer_hook(AttentionRegulation(edit_steps=EDIT_STEPS), [generator])
     for step in (0, 1):
         logits = _official_logits(golden, step)
-        hook.step = step
+        if step > 0:
+            hook.begin_step(step)
         edited = hook.edit_logits(LAYER, logits.clone(), is_cross=True)
         expected = golden[f"layer_step{step}_edited_targets"].float()
         difference = (edited[..., TARGETS] - expected).abs().max().item()
@@ -160,7 +163,7 @@ def test_start_and_end_token_probabilities_are_restored(golden):
     assert torch.equal(probs[:, :, TARGETS], edited.softmax(dim=-1)[:, :, TARGETS])
     assert (probs.sum(-1) - 1).abs().max() > 1e-3  # rows no longer sum to one, as in the official code
     # Past the edit steps the hook changes nothing.
-    hook.step = 25
+    hook.begin_step(25)
     assert torch.equal(hook.edit_logits(LAYER, logits.clone(), True), logits)
     assert hook.edit_probs(LAYER, unedited, True) is unedited
 

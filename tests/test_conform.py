@@ -56,6 +56,16 @@ def test_matches_the_official_pipeline(tiny_pipe, run, seeds):
     assert len(steps) == 4 and max(differences) < TOLERANCE, differences
 
 
+def test_each_image_of_a_batch_is_guided_alone(tiny_pipe):
+    """Seed 1 guided in a batch after seed 0, against its own previous-step maps, as alone (the scaled run moves
+    the latents by more than 1e-2, see the next test)."""
+    batch, _ = _per_step(tiny_pipe, Conform(**RUNS["scaled"]), seeds=(0, 1))
+    alone, _ = _per_step(tiny_pipe, Conform(**RUNS["scaled"]), seeds=(1,))
+    differences = [(in_batch[1] - by_itself[0]).abs().max().item() for in_batch, by_itself in zip(batch, alone)]
+    print("max |batch - alone| per loop index:", differences)
+    assert max(differences) < 1e-4, differences
+
+
 def test_the_tolerance_resolves_what_conform_changes(tiny_pipe):
     """In the scaled golden run CONFORM moves the latents far more than the parity tolerance, from the first step
     (so a method that did less, or nothing, would fail the parity test)."""

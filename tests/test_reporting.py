@@ -177,3 +177,19 @@ def test_write_report_escapes_user_text_and_writes_plots_and_grids(tmp_path):
     }
     with Image.open(out_dir / "grids" / "toy__p0.png") as grid:
         assert grid.width > 2 * 192 and grid.height > 2 * 192  # two variant columns, two seed rows
+
+
+def test_compute_section_gives_the_batch_times_were_taken_at_and_what_a_method_skipped(tmp_path):
+    scores = pd.DataFrame(score_rows(VANILLA, "seconds_per_image", [1.0, 1.0]) + score_rows(EXCITE, "seconds_per_image", [1.5, 1.5]))
+    skipped = "no modifier-noun pair: sampled as plain Stable Diffusion"
+    records = pd.DataFrame([
+        {"model": "tiny", "method": method, "variant": variant, "dataset": "toy", "prompt_id": "p0", "seed": seed,
+         "status": "ok", "failed_step": None, "prompt": "a cat", "batch_size": 10,
+         "method_notes": [skipped] if (method, seed) == ("attend_and_excite", 1) else []}
+        for method, variant in (("vanilla", VANILLA), ("attend_and_excite", EXCITE)) for seed in (0, 1)
+    ])
+    write_report(tmp_path, "t", scores, records, [], pd.DataFrame(columns=["model", "method", "variant", "dataset",
+                 "prompt_id", "seed", "path"]), None, {}, timing_note="ten seeds per call, as the official script")
+    text = (tmp_path / "README.md").read_text()
+    assert "Timing protocol: ten seeds per call, as the official script" in text
+    assert "images per sampling call" in text and f"1 of 2 images: {skipped}" in text

@@ -195,14 +195,34 @@ def _set_level_section(
     return Section("Set-level results", [Paragraph(note), Table(headers, table_rows)])
 
 
-def _compute_section(summary: pd.DataFrame, overhead: pd.DataFrame, labels: VariantLabels) -> Section | None:
+def _timing_protocol(records: pd.DataFrame) -> dict[tuple[str, str, str], tuple[str, str]]:
+    """Per (model, dataset, variant): the images per sampling call its times were measured at, and the notes its
+    method gave on calls (work it skipped, with how many images)."""
+    protocol = {}
+    if records.empty or "batch_size" not in records:
+        return protocol
+    notes = records["method_notes"] if "method_notes" in records else pd.Series([None] * len(records), index=records.index)
+    for key, group in records.assign(method_notes=notes).groupby(["model", "dataset", "variant"]):
+        batches = ", ".join(str(int(b)) for b in sorted(group["batch_size"].dropna().unique()))
+        counts: dict[str, int] = {}
+        for image_notes in group["method_notes"]:
+            for note in image_notes if isinstance(image_notes, list) else []:
+                counts[note] = counts.get(note, 0) + 1
+        protocol[key] = (batches, "; ".join(f"{n} of {len(group)} images: {note}" for note, n in counts.items()))
+    return protocol
+
+
+def _compute_section(
+    summary: pd.DataFrame, overhead: pd.DataFrame, records: pd.DataFrame, labels: VariantLabels, timing_note: str | None
+) -> Section | None:
     compute = summary[summary["metric"].isin(COMPUTE_METRICS)]
     if compute.empty:
         return None
     by_metric = {(row.model, row.dataset, row.variant, row.metric): row for row in compute.itertuples()}
     overhead_by_variant = {(row.model, row.dataset, row.variant): row for row in overhead.itertuples()}
+    protocol = _timing_protocol(records)
     with_memory = PEAK_MEMORY_METRIC in set(compute["metric"])
-    headers = ["dataset", "variant", "seconds per image", "overhead % [95% CI]"]
+    headers = ["dataset", "variant", "images per sampling call", "seconds per image", "overhead % [95% CI]"]
     if with_memory:
         headers.append("peak memory MB (mean)")
     table_rows = []
@@ -210,9 +230,11 @@ def _compute_section(summary: pd.DataFrame, overhead: pd.DataFrame, labels: Vari
         for model, variant in labels.ordered(zip(rows["model"], rows["variant"])):
             seconds = by_metric.get((model, dataset, variant, SECONDS_METRIC))
             variant_overhead = overhead_by_variant.get((model, dataset, variant))
+            batches, notes = protocol.get((model, dataset, variant), (MISSING, ""))
             row_cells = [
                 dataset,
                 labels.label(model, variant),
+                batches,
                 MISSING if seconds is None else _interval(seconds.mean, seconds.ci_low, seconds.ci_high),
                 MISSING
                 if variant_overhead is None
@@ -224,12 +246,16 @@ def _compute_section(summary: pd.DataFrame, overhead: pd.DataFrame, labels: Vari
                 memory = by_metric.get((model, dataset, variant, PEAK_MEMORY_METRIC))
                 # NaN: generated on a CPU, where no accelerator peak is measured.
                 row_cells.append(MISSING if memory is None or pd.isna(memory.mean) else f"{memory.mean:.1f}")
+            row_cells.append(notes)
             table_rows.append(row_cells)
+    headers.append("what the method skipped")
     note = (
-        "Overhead: (T - T0) / T0 of mean seconds per image against the baseline on the same model and dataset. "
+        "Overhead: (T - T0) / T0 of mean seconds per image against the baseline on the same model and dataset, each "
+        "timed at the images per sampling call shown (one call samples several seeds of a prompt as one batch). "
         "Peak memory is the accelerator's; – where images were generated on a CPU."
     )
-    return Section("Compute overhead", [Paragraph(note), Table(headers, table_rows)])
+    blocks = [Paragraph(note)] + ([Paragraph(f"Timing protocol: {timing_note}")] if timing_note else [])
+    return Section("Compute overhead", [*blocks, Table(headers, table_rows)])
 
 
 def _paired_section(
@@ -563,11 +589,13 @@ def write_report(
     baseline_method: str = "vanilla",
     max_grids: int = 50,
     missing: Sequence[Missing] = (),
+    timing_note: str | None = None,
 ) -> Path:
     """Write README.md, index.html, plots/<metric>.png and grids/<dataset>__<prompt_id>.png into `out_dir`.
 
     `metric_info` maps a metric to whether higher is better; `records` needs a `prompt` column for grid captions.
     `missing`: the work not done yet (evalkit/reporting/completeness.py); listed first when there is any.
+    `timing_note`: the experiment's word on how its times compare with the paper's (the batch they were taken at).
     Returns the path of index.html.
     """
     out_dir = Path(out_dir)
@@ -585,7 +613,7 @@ def write_report(
         _missing_section(missing, labels),
         *_results_sections(quality, labels, metric_labels, metric_info),
         _set_level_section(set_summary, labels, metric_labels, metric_info),
-        _compute_section(summary, overhead, labels),
+        _compute_section(summary, overhead, records, labels, timing_note),
         _paired_section(
             paired_difference(per_image, baseline_method), labels, metric_labels, metric_info, baseline_method
         ),

@@ -1,15 +1,21 @@
 """What Attend-and-Excite and CONFORM share: before a denoising step, each image's latent takes gradient steps on a
 loss over its own cross-attention maps (CONFORM's official pipeline is a copy of A&E's with another loss).
 
-Per image and loop index i (the guidance forward uses the conditional embedding only, batch 1, gradients on and no
+At loop index i (the guidance forward uses the conditional embeddings only, gradients on and no
 `scale_model_input`, as both references do):
 
-1. a UNet forward records the cross-attention at `attention_res`, averaged over heads and layers; the method's
-   loss is computed from it;
-2. if the method refines at i: up to n times (fewer if the loss reaches the method's target) step the latent and
-   recompute the loss, then one more forward gives the loss used below;
-3. while i < `max_iter_to_alter` and loss != 0: z <- z - step_size[i] * dloss/dz, with
+1. one UNet forward over the batch records the cross-attention at `attention_res`, averaged over heads and layers;
+   the method's loss of each image is computed from that image's maps;
+2. if the method refines at i, each image whose loss is above the method's target refines: up to n times, while
+   its loss is above the target, its latent steps and its loss is recomputed; then one more forward over the
+   refined images gives the loss used below;
+3. while i < `max_iter_to_alter`, each image whose loss != 0: z <- z - step_size[i] * dloss/dz, with
    step_size = scale_factor * sqrt(linspace(*scale_range, len(timesteps))).
+
+The references guide one image at a time. Here each forward runs every image that needs it, and one backward of
+the sum of their losses gives each image exactly its own gradient (the UNet treats the samples of a batch
+independently), so every image is guided as it would be alone, its refinement stopping when its own loss
+reaches the target.
 """
 
 from __future__ import annotations
@@ -27,9 +33,9 @@ from evalkit.sampling.smoothing import gaussian_kernel
 
 
 def softmax_over_text_tokens(attention_maps: torch.Tensor) -> torch.Tensor:
-    """(res, res, 75): the softmax of 100 x maps over the tokens without SOT and the last position (EOT and padding
-    stay in, as both references do for SD 1.x). Position p of the prompt is at p - 1."""
-    return torch.softmax(100 * attention_maps[:, :, 1:-1], dim=-1)
+    """(..., res, res, 75): the softmax of 100 x maps over the tokens without SOT and the last position (EOT and
+    padding stay in, as both references do for SD 1.x). Position p of the prompt is at p - 1."""
+    return torch.softmax(100 * attention_maps[..., 1:-1], dim=-1)
 
 
 @dataclass
@@ -53,12 +59,14 @@ class AttentionGuidance(Method, ABC):
             raise ValueError(f"scale_range must be (start, end), got {self.scale_range}")
 
     @abstractmethod
-    def attention_loss(self, run, image: int, maps: torch.Tensor) -> torch.Tensor:
-        """The loss of image `image` (index in the batch) from its (res, res, 77) maps of this forward."""
+    def attention_loss(self, run, images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """The (n,) losses of n images from their (n, res, res, 77) maps of this forward. `images`: their indices
+        in the batch (the first forward at a loop index has every image, in order)."""
 
     @abstractmethod
-    def refinement(self, i: int, loss: torch.Tensor) -> tuple[int, float] | None:
-        """At loop index i with this loss: None, or (iterations, the loss at or below which refinement stops)."""
+    def refinement(self, i: int) -> tuple[int, float] | None:
+        """At loop index i: None, or (iterations, target): each image whose loss is above target refines, until its
+        loss is at most target or the iterations run out."""
 
     @abstractmethod
     def guides_at(self, i: int) -> bool:
@@ -93,37 +101,60 @@ class AttentionGuidance(Method, ABC):
         if not self.guides_at(i):
             return latents
         step_size = run.state["step_sizes"][i]
-        updated = []
+        alters = i < self.max_iter_to_alter
+        refinement = self.refinement(i)
+        images = torch.arange(run.batch_size, device=latents.device)
         with torch.enable_grad():
-            for image in range(run.batch_size):
-                latent = latents[image : image + 1].detach().requires_grad_(True)
-                loss = self._loss(run, image, t, latent)
-                refinement = self.refinement(i, loss)
-                if refinement is not None:
-                    latent, loss = self._refine(run, image, t, latent, loss, step_size, *refinement)
-                if i < self.max_iter_to_alter and loss != 0:
-                    latent = self._step(latent, loss, step_size)
-                updated.append(latent.detach())
-        return torch.cat(updated)
+            latents = latents.detach().requires_grad_(True)
+            losses = self._losses(run, t, latents, images)
+            refined = images[:0] if refinement is None else self._above(losses, refinement[1])
+            updated = latents.detach()
+            if alters and len(refined) < run.batch_size:  # the images that do not refine step on this forward
+                updated = self._step(latents, losses, step_size)
+            if len(refined):
+                losses = losses.detach()  # frees this forward's graph before the refinement's forwards
+                refined_latents, refined_losses = self._refine(
+                    run, t, latents.detach()[refined], losses[refined], refined, step_size, *refinement
+                )
+                if alters:
+                    refined_latents = self._step(refined_latents, refined_losses, step_size)
+                updated = updated.index_copy(0, refined, refined_latents.detach())
+        return updated
 
-    def _loss(self, run, image, t, latent) -> torch.Tensor:
-        """One guidance forward of a single image (batch 1, conditional only) and the method's loss."""
-        maps = run.state["recorder"].record(run.unet, latent, t, run.cond_embeds[image : image + 1])[0]
-        return self.attention_loss(run, image, maps)
+    def _losses(self, run, t, latents, images) -> torch.Tensor:
+        """One guidance forward of these images (conditional embeddings only) and each one's loss."""
+        maps = run.state["recorder"].record(run.unet, latents, t, run.cond_embeds[images])
+        return self.attention_loss(run, images, maps)
 
     @staticmethod
-    def _step(latent, loss, step_size) -> torch.Tensor:
-        (grad,) = torch.autograd.grad(loss, [latent])
-        return latent - step_size * grad
+    def _step(latents, losses, step_size) -> torch.Tensor:
+        """z <- z - step_size * dloss/dz for each image whose loss != 0. The gradient of the sum of the losses is
+        each image's own: the images of a forward do not interact."""
+        (grad,) = torch.autograd.grad(losses.sum(), [latents])
+        nonzero = (losses != 0).view(-1, *[1] * (latents.dim() - 1))
+        return torch.where(nonzero, latents - step_size * grad, latents).detach()
 
-    def _refine(self, run, image, t, latent, loss, step_size, iterations, target):
-        """Step until the loss is at most `target` (or the iterations run out), then measure again."""
+    @staticmethod
+    def _above(losses, target) -> torch.Tensor:
+        """The indices of the losses above `target`. Reading them is a host sync (the refinement needs their number
+        on the CPU); a target of -inf needs none: every loss is above it."""
+        if target == float("-inf"):
+            return torch.arange(len(losses), device=losses.device)
+        return (losses > target).nonzero().flatten()
+
+    def _refine(self, run, t, latents, losses, images, step_size, iterations, target):
+        """Step each image until its loss is at most `target` (or the iterations run out), then measure again.
+
+        `images` are the batch indices of the rows. Each iteration's forward runs only the images still above
+        their target; an image that reaches it stops stepping, as it would alone.
+        """
         for _ in range(iterations):
-            if loss <= target:
+            refining = self._above(losses, target)
+            if not len(refining):
                 break
-            latent = latent.detach().requires_grad_(True)
-            loss = self._loss(run, image, t, latent)
-            if loss != 0:
-                latent = self._step(latent, loss, step_size)
-        latent = latent.detach().requires_grad_(True)
-        return latent, self._loss(run, image, t, latent)
+            latent = latents[refining].requires_grad_(True)
+            loss = self._losses(run, t, latent, images[refining])
+            latents = latents.index_copy(0, refining, self._step(latent, loss, step_size))
+            losses = losses.index_copy(0, refining, loss.detach())
+        latents.requires_grad_(True)
+        return latents, self._losses(run, t, latents, images)

@@ -15,6 +15,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from evalkit.prompts import PromptSpec, TokenIndexer
+from evalkit.sampling.cuda_graphs import plain_forward
 from evalkit.sampling.method import Method
 
 
@@ -43,6 +44,9 @@ class DenoisingRun:
     # One per image: the CPU generators that drew the initial noise. A method that needs random numbers continues
     # its image's stream, so that an image depends only on its seed (not on the batch or earlier prompts).
     generators: list[torch.Generator] = field(default_factory=list)
+    # What a method says about this call that a reader of its timings must know (work it skipped, say).
+    notes: list[str] = field(default_factory=list)
+    cuda_graphs: bool = True  # replay the UNet's plain forwards as CUDA graphs on a GPU (evalkit/sampling/cuda_graphs.py)
 
     @property
     def unet(self):
@@ -64,14 +68,18 @@ class DenoisingRun:
     def do_guidance(self) -> bool:
         return self.settings.guidance_scale > 1.0
 
+    def noise(self, model_input: torch.Tensor, t, embeddings: torch.Tensor) -> torch.Tensor:
+        """The UNet's noise prediction; where no hook reads or edits attention, replayed from a CUDA graph."""
+        return plain_forward(self.unet, model_input, t, embeddings, self.cuda_graphs)
+
     def guided_noise(self, t, latents, cond: torch.Tensor | None = None, uncond: torch.Tensor | None = None) -> torch.Tensor:
         """Classifier-free guidance: one UNet forward over [unconditional; conditional]."""
         cond = self.cond_embeds if cond is None else cond
         uncond = self.uncond_embeds if uncond is None else uncond
         if not self.do_guidance:
-            return self.unet(self.scheduler.scale_model_input(latents, t), t, encoder_hidden_states=cond).sample
+            return self.noise(self.scheduler.scale_model_input(latents, t), t, cond)
         model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)
-        noise = self.unet(model_input, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+        noise = self.noise(model_input, t, torch.cat([uncond, cond]))
         noise_uncond, noise_cond = noise.chunk(2)
         return noise_uncond + self.settings.guidance_scale * (noise_cond - noise_uncond)
 
@@ -83,6 +91,7 @@ class SampleResult:
     seconds: float  # wall time of the whole call (prompt encoding to decoded images)
     peak_memory_bytes: int | None  # accelerator peak during the call; None on a CPU
     failed_step: list[int | None]  # per image: first loop index with NaN/inf latents, or None
+    notes: list[str] = field(default_factory=list)  # the method's notes on this call (`DenoisingRun.notes`)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -90,17 +99,14 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _quarantine(latents: torch.Tensor, failed_step: list[int | None], i: int) -> torch.Tensor:
-    """Record loop index `i` for each image whose latents are newly NaN or inf (in `failed_step`, in place) and
-    zero every failed image's latents: the image is lost, and its NaN must not reach a method's loss, where one
-    image's NaN can raise (a distribution of NaN probabilities) and stop the whole batch."""
+def _quarantine(latents: torch.Tensor, failed_at: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mark loop index `i` in `failed_at` (per image, -1 while it is finite) for each image whose latents are newly
+    NaN or inf, and zero every failed image's latents: the image is lost, and its NaN must not reach a method's
+    loss, where one image's NaN can raise (a distribution of NaN probabilities) and stop the whole batch. Done on
+    the device with no branch on its result, so the loop never waits for the GPU."""
     bad = ~torch.isfinite(latents.detach()).flatten(1).all(dim=1)
-    if not bad.any():
-        return latents
-    for k in bad.nonzero().flatten().tolist():
-        if failed_step[k] is None:
-            failed_step[k] = i
-    return torch.where(bad.view(-1, *[1] * (latents.dim() - 1)), torch.zeros_like(latents), latents)
+    failed_at = torch.where(bad & (failed_at < 0), i, failed_at)
+    return torch.where(bad.view(-1, *[1] * (latents.dim() - 1)), torch.zeros_like(latents), latents), failed_at
 
 
 def sample(
@@ -111,8 +117,10 @@ def sample(
     settings: SamplingSettings,
     indexer: TokenIndexer | None = None,
     on_step=None,
+    cuda_graphs: bool = True,
 ) -> SampleResult:
-    """Generate one image per seed for `spec` with `method`. `on_step(i, t, latents)` sees each step's result."""
+    """Generate one image per seed for `spec` with `method`. `on_step(i, t, latents)` sees each step's result;
+    `cuda_graphs=False` runs every UNet forward eagerly."""
     device = pipe.unet.device
     indexer = indexer or TokenIndexer(pipe.tokenizer)
     method.check(spec, indexer)
@@ -130,18 +138,19 @@ def sample(
     )
     extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, settings.eta)
     run = DenoisingRun(
-        pipe, spec, indexer, settings, list(seeds), cond, uncond, pipe.scheduler.timesteps, generators=generators
+        pipe, spec, indexer, settings, list(seeds), cond, uncond, pipe.scheduler.timesteps, generators=generators,
+        cuda_graphs=cuda_graphs,
     )
-    failed_step: list[int | None] = [None] * n
+    failed_at = torch.full((n,), -1, dtype=torch.long, device=device)
 
     try:
         method.setup(run)
         for i, t in enumerate(run.timesteps):
-            latents = _quarantine(method.update_latents(run, i, t, latents), failed_step, i)
+            latents, failed_at = _quarantine(method.update_latents(run, i, t, latents), failed_at, i)
             with torch.no_grad():
                 noise = method.predict_noise(run, i, t, latents)
                 latents = pipe.scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[0]
-            latents = _quarantine(latents, failed_step, i)
+            latents, failed_at = _quarantine(latents, failed_at, i)
             if on_step is not None:
                 on_step(i, t, latents)
     finally:
@@ -150,7 +159,8 @@ def sample(
     with torch.no_grad():
         decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
     images = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * n)
+    failed_step = [None if step < 0 else step for step in failed_at.tolist()]
     _synchronize(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return SampleResult(images, latents, seconds, peak, failed_step)
+    return SampleResult(images, latents, seconds, peak, failed_step, run.notes)

@@ -49,9 +49,13 @@ def register_tiny_model_config() -> None:
         open_clip.add_model_config(TINY_MODEL_CONFIG)
 
 
-def _load_pretrained(model_name: str, pretrained: str):
+def _check_model_name(model_name: str) -> None:
     if model_name not in open_clip.list_models():
         raise ConfigError(f"scorer clip: unknown open_clip model {model_name!r}; see open_clip.list_models()")
+
+
+def _load_pretrained(model_name: str, pretrained: str):
+    _check_model_name(model_name)
     pretrained_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     if not pretrained_cfg:
         raise ConfigError(
@@ -82,11 +86,22 @@ def _load_pretrained(model_name: str, pretrained: str):
     return model, preprocess
 
 
+def _build_random(model_name: str, quick_gelu: bool = False):
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, force_quick_gelu=quick_gelu)
+    return model, preprocess
+
+
 def _build_tiny():
     register_tiny_model_config()
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms(TINY_MODEL_NAME, pretrained=None)
-    return model, preprocess
+    return _build_random(TINY_MODEL_NAME)
+
+
+def _build_full_size_random(model_name: str, pretrained: str):
+    """The architecture the checkpoint `pretrained` has (its activation included), with seeded random weights."""
+    _check_model_name(model_name)
+    quick_gelu = bool((open_clip.get_pretrained_cfg(model_name, pretrained) or {}).get("quick_gelu", False))
+    return _build_random(model_name, quick_gelu)
 
 
 @register_scorer("clip")
@@ -100,15 +115,25 @@ class ClipScorer(Scorer):
         pretrained: str = "openai",
         tiny: bool = False,
         batch_size: int = 32,
+        random_weights: bool = False,
     ):
         super().__init__(device)
         if batch_size < 1:
             raise ConfigError(f"scorer clip: batch_size must be at least 1, got {batch_size}")
+        if tiny and random_weights:
+            raise ConfigError("scorer clip: tiny and random_weights exclude each other (tiny models are random already)")
         if tiny:
             clip_model, self.preprocess = _build_tiny()
             self.tokenizer = open_clip.get_tokenizer(TINY_MODEL_NAME)
             self.name = (
                 f"clip {TINY_MODEL_NAME} (random weights, seed 0: a tiny stand-in, scores mean nothing), "
+                f"80 ImageNet templates, raw cosine"
+            )
+        elif random_weights:
+            clip_model, self.preprocess = _build_full_size_random(model, pretrained)
+            self.tokenizer = open_clip.get_tokenizer(model)
+            self.name = (
+                f"clip {model} as {pretrained} (random weights, seed 0, for timing only: scores mean nothing), "
                 f"80 ImageNet templates, raw cosine"
             )
         else:

@@ -38,6 +38,7 @@ SUBJECT_METRIC_PREFIX = "detection/"
 # OWL-ViT and OWLv2 checkpoints tokenize queries into 16 positions padded with "!" (token id 0).
 QUERY_LENGTH = 16
 QUERY_PAD_TOKEN = "!"
+FULL_SIZE_IMAGE_SIZE = 960  # google/owlv2-base-patch16-ensemble's config.json and Owlv2ImageProcessor's default
 
 
 def unique_subjects(subjects: tuple[str, ...]) -> tuple[str, ...]:
@@ -51,8 +52,8 @@ def subject_detections(subjects: tuple[str, ...], box_labels: list[int]) -> dict
     return {subject: index in found for index, subject in enumerate(unique_subjects(subjects))}
 
 
-def _build_tiny() -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
-    config = Owlv2Config(**json.loads(TINY_MODEL_CONFIG.read_text()))
+def _build_random(config: Owlv2Config) -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
+    """An OWLv2 of this architecture with seeded random weights, and its processor, built offline."""
     torch.manual_seed(0)
     model = Owlv2ForObjectDetection(config)
     side = config.vision_config.image_size
@@ -61,6 +62,16 @@ def _build_tiny() -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
         tokenizer=clip_tokenizer(QUERY_LENGTH, pad_token=QUERY_PAD_TOKEN),
     )
     return model, processor
+
+
+def _build_tiny() -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
+    return _build_random(Owlv2Config(**json.loads(TINY_MODEL_CONFIG.read_text())))
+
+
+def _build_full_size_random() -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
+    """owlv2-base-patch16-ensemble's architecture: Owlv2Config's defaults (ViT-B/16 vision, CLIP text) at the
+    checkpoint's 960 px (the default, 768, is OWL-ViT's)."""
+    return _build_random(Owlv2Config(vision_config={"image_size": FULL_SIZE_IMAGE_SIZE}))
 
 
 def _load_hub(hub_id: str, revision: str) -> tuple[Owlv2ForObjectDetection, Owlv2Processor]:
@@ -82,10 +93,13 @@ class Owlv2DetectionScorer(Scorer):
         query_template: str = "{}",
         tiny: bool = False,
         batch_size: int = 16,
+        random_weights: bool = False,
     ):
         super().__init__(device)
         if batch_size < 1:
             raise ConfigError(f"scorer owlv2: batch_size must be at least 1, got {batch_size}")
+        if tiny and random_weights:
+            raise ConfigError("scorer owlv2: tiny and random_weights exclude each other (tiny models are random already)")
         if not 0.0 <= threshold < 1.0:
             raise ConfigError(f"scorer owlv2: threshold is a score in [0, 1), got {threshold}")
         if query_template.count("{}") != 1:
@@ -96,6 +110,9 @@ class Owlv2DetectionScorer(Scorer):
         if tiny:
             model, self.processor = _build_tiny()
             checkpoint = f"{TINY_MODEL_CONFIG.stem} (random weights, seed 0: a tiny stand-in, detections mean nothing)"
+        elif random_weights:
+            model, self.processor = _build_full_size_random()
+            checkpoint = f"{hub_id}'s architecture (random weights, seed 0, for timing only: detections mean nothing)"
         else:
             model, self.processor = _load_hub(hub_id, revision)
             checkpoint = f"{hub_id}@{revision[:12]} (transformers, fp32)"

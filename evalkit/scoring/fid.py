@@ -163,12 +163,20 @@ class FidScorer(Scorer):
         tiny: bool = False,
         batch_size: int = 50,
         cache_dir: str = "outputs/fid_statistics",
+        random_weights: bool = False,
     ):
         super().__init__(device)
+        if tiny and random_weights:
+            raise ConfigError("scorer fid: tiny and random_weights exclude each other (tiny models are random already)")
         files = _check_parameters(reference_dir, dims, batch_size)
         self.dims, self.batch_size = dims, batch_size
-        self.model = build_inception(dims, tiny).to(device)
-        weights = "random weights, seed 0: a tiny stand-in, scores mean nothing" if tiny else "pt_inception-2015-12-05"
+        self.model = build_inception(dims, tiny or random_weights).to(device)
+        if tiny:
+            weights = "random weights, seed 0: a tiny stand-in, scores mean nothing"
+        elif random_weights:
+            weights = "random weights, seed 0, for timing only: scores mean nothing"
+        else:
+            weights = "pt_inception-2015-12-05"
         settings = {"weights": weights, "dims": dims, "resize": RESIZE_POLICY, "version": STATISTICS_VERSION}
         self.reference_mu, self.reference_sigma, key = self._reference_statistics(files, settings, cache_dir)
         self.name = (

@@ -72,12 +72,18 @@ def _check_parameters(net: str, batch_size: int) -> None:
 class LpipsScorer(Scorer):
     metrics = {"lpips_vs_vanilla": False}
 
-    def __init__(self, device: torch.device, net: str = "alex", tiny: bool = False, batch_size: int = 16):
+    def __init__(
+        self, device: torch.device, net: str = "alex", tiny: bool = False, batch_size: int = 16,
+        random_weights: bool = False,
+    ):
         super().__init__(device)
         _check_parameters(net, batch_size)
-        if tiny:
+        if tiny and random_weights:
+            raise ConfigError("scorer lpips: tiny and random_weights exclude each other (tiny models are random already)")
+        if tiny or random_weights:  # the tiny stand-in is the full-size trunk already; only its label differs
             torch.manual_seed(0)
-            trunk = f"random {net} trunk (seed 0: a tiny stand-in, scores mean nothing)"
+            purpose = "seed 0: a tiny stand-in" if tiny else "seed 0, for timing only"
+            trunk = f"random {net} trunk ({purpose}, scores mean nothing)"
         else:
             weights = TRUNK_WEIGHTS[net]
             torch_hub_checkpoint(weights.url, f"scorer lpips: torchvision's ImageNet {net} weights")
@@ -85,7 +91,7 @@ class LpipsScorer(Scorer):
         with warnings.catch_warnings(), weights_only_loads(f"scorer lpips ({net})"):
             # lpips asks torchvision for weights the pre-0.13 way, which it deprecates
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision.models._utils")
-            model = lpips.LPIPS(net=net, version="0.1", pnet_rand=tiny, verbose=False)
+            model = lpips.LPIPS(net=net, version="0.1", pnet_rand=tiny or random_weights, verbose=False)
         self.model = model.to(device).eval()
         self.batch_size = batch_size
         self.name = (

@@ -34,6 +34,7 @@ from evalkit.errors import ConfigError
 from evalkit.models.loading import load_from_hub
 from evalkit.scoring.base import ScoredImage, Scorer, register_scorer
 from evalkit.scoring.clip_score import ClipScorer
+from evalkit.scoring.vqa import bert_size_wordpiece_tokenizer
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 TINY_MODEL_CONFIG = MODEL_CONFIGS / "tiny-blip.json"
@@ -149,14 +150,23 @@ def _blip_tokenizer(vocabulary: dict[str, int]) -> BertTokenizer:
     return tokenizer
 
 
-def _build_tiny_captioner():
-    config = BlipConfig(**json.loads(TINY_MODEL_CONFIG.read_text()))
+def _build_random_captioner(config: BlipConfig, tokenizer: BertTokenizer):
     torch.manual_seed(0)
     model = BlipForConditionalGeneration(config)
-    tokens = TINY_VOCABULARY.read_text().split()
-    tokenizer = _blip_tokenizer({token: index for index, token in enumerate(tokens)})
     side = config.vision_config.image_size
     return model, BlipImageProcessorPil(size={"height": side, "width": side}), tokenizer
+
+
+def _build_tiny_captioner():
+    tokens = TINY_VOCABULARY.read_text().split()
+    tokenizer = _blip_tokenizer({token: index for index, token in enumerate(tokens)})
+    return _build_random_captioner(BlipConfig(**json.loads(TINY_MODEL_CONFIG.read_text())), tokenizer)
+
+
+def _build_full_size_random_captioner():
+    """blip-image-captioning-base's architecture: BlipConfig's defaults (ViT-B/16 at 384 px, BERT-base decoder,
+    BERT's vocabulary with [DEC] and [ENC]), seeded random weights and an offline BERT-size WordPiece tokenizer."""
+    return _build_random_captioner(BlipConfig(), _blip_tokenizer(bert_size_wordpiece_tokenizer().get_vocab()))
 
 
 def _load_hub_captioner(hub_id: str, revision: str):
@@ -180,22 +190,33 @@ class TextSimilarityScorer(Scorer):
         clip_pretrained: str = "openai",
         tiny: bool = False,
         batch_size: int = 16,
+        random_weights: bool = False,
     ):
         super().__init__(device)
         if batch_size < 1:
             raise ConfigError(f"scorer text_similarity: batch_size must be at least 1, got {batch_size}")
+        if tiny and random_weights:
+            raise ConfigError(
+                "scorer text_similarity: tiny and random_weights exclude each other (tiny models are random already)"
+            )
         self.batch_size = batch_size
         if tiny:
             captioner, self.image_processor, self.tokenizer = _build_tiny_captioner()
             checkpoint = f"{TINY_MODEL_CONFIG.stem} (random weights, seed 0: a tiny stand-in, scores mean nothing)"
             clip_checkpoint = "tiny-clip (random weights)"
+        elif random_weights:
+            captioner, self.image_processor, self.tokenizer = _build_full_size_random_captioner()
+            checkpoint = f"{captioner_hub_id}'s architecture (random weights, seed 0, for timing only: scores mean nothing)"
+            clip_checkpoint = f"{clip_model} as {clip_pretrained} (random weights)"
         else:
             captioner, self.image_processor, self.tokenizer = _load_hub_captioner(captioner_hub_id, captioner_revision)
             checkpoint = f"{captioner_hub_id}@{captioner_revision[:12]} (transformers, fp32)"
             clip_checkpoint = f"{clip_model}/{clip_pretrained} (open_clip, fp32)"
         self.captioner = captioner.to(device).eval()
         # The prompt side is the CLIP score's text embedding: same checkpoint, templates and code.
-        self.clip = ClipScorer(device, model=clip_model, pretrained=clip_pretrained, tiny=tiny)
+        self.clip = ClipScorer(
+            device, model=clip_model, pretrained=clip_pretrained, tiny=tiny, random_weights=random_weights
+        )
         size = self.image_processor.size
         self.name = (
             f"text_similarity: BLIP caption by {checkpoint}, {size['height']}x{size['width']} bicubic, "

@@ -31,14 +31,17 @@ from statistics import mean
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModel, AutoTokenizer, BertConfig, BertModel, MPNetConfig, MPNetModel, PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from evalkit.errors import ConfigError, DatasetError, PromptError
 from evalkit.models.loading import load_from_hub
 from evalkit.models.wordpiece import tiny_wordpiece_tokenizer
 from evalkit.prompts import PromptSpec, file_sha256
 from evalkit.scoring.base import ScoredImage, Scorer, register_scorer
-from evalkit.scoring.vqa import build_vqa_backend
+from evalkit.scoring.vqa import bert_size_wordpiece_tokenizer, build_vqa_backend
 from evalkit.stages import project_path
 
 # TIFA's element types: tifascore's question generation keeps only these categories, with animal and human merged
@@ -181,13 +184,28 @@ def tiny_sentence_encoder(seed: int = 0) -> tuple[BertModel, PreTrainedTokenizer
     return BertModel(config, add_pooling_layer=False), tokenizer
 
 
-def _answer_mapper(config: Mapping[str, Any], device: torch.device, tiny: bool) -> tuple[NearestChoice, str]:
+def full_size_random_sentence_encoder(seed: int = 0) -> tuple[MPNetModel, PreTrainedTokenizerBase]:
+    """all-mpnet-base-v2's architecture (MPNet-base: MPNetConfig's defaults, with the checkpoint's 514 positions
+    and its tokenizer's 512-token truncation) with seeded random weights and a BERT-size WordPiece tokenizer, built
+    offline: for timing only."""
+    tokenizer = bert_size_wordpiece_tokenizer(model_max_length=512)
+    torch.manual_seed(seed)
+    config = MPNetConfig(max_position_embeddings=514)
+    return MPNetModel(config, add_pooling_layer=False), tokenizer
+
+
+def _answer_mapper(
+    config: Mapping[str, Any], device: torch.device, tiny: bool, random_weights: bool
+) -> tuple[NearestChoice, str]:
     unknown = sorted(set(config) - {"hub_id", "revision"})
     if unknown:
         raise ConfigError(f"scorer tifa: unknown answer_mapper parameters {unknown}; it takes hub_id, revision")
     if tiny:
         return NearestChoice(*tiny_sentence_encoder(), device), "tiny SBERT (random weights, seed 0)"
     hub_id, revision = config["hub_id"], config["revision"]
+    if random_weights:
+        encoder = NearestChoice(*full_size_random_sentence_encoder(), device)
+        return encoder, f"SBERT {hub_id}'s architecture (random weights, seed 0)"
     what = "scorer tifa (answer mapper)"
     model = load_from_hub(what, hub_id, revision, lambda: AutoModel.from_pretrained(hub_id, revision=revision, use_safetensors=True))
     tokenizer = load_from_hub(what, hub_id, revision, lambda: AutoTokenizer.from_pretrained(hub_id, revision=revision))
@@ -215,18 +233,23 @@ class TifaScorer(Scorer):
         answer_mapper: Mapping[str, Any],
         tiny: bool = False,
         batch_size: int = 32,
+        random_weights: bool = False,
     ):
         super().__init__(device)
+        if tiny and random_weights:
+            raise ConfigError("scorer tifa: tiny and random_weights exclude each other (tiny models are random already)")
         self.questions_path = _questions_path(questions)
         self.questions = load_questions(self.questions_path)
-        self.vqa = build_vqa_backend(vqa, device, batch_size, tiny)
-        self.to_choice, mapper_name = _answer_mapper(answer_mapper, device, tiny)
+        self.vqa = build_vqa_backend(vqa, device, batch_size, tiny, random_weights)
+        self.to_choice, mapper_name = _answer_mapper(answer_mapper, device, tiny, random_weights)
         self.name = (
             f"tifa {self.vqa.name}; free-form answers to choices by {mapper_name} cosine; questions "
             f"{self.questions_path.name} (sha256 {file_sha256(self.questions_path)[:12]})"
         )
         if tiny:
             self.name += " (tiny stand-ins: scores mean nothing)"
+        if random_weights:
+            self.name += " (random weights, for timing only: scores mean nothing)"
 
     @classmethod
     def check_prompts(cls, config: Mapping[str, Any], specs: Sequence[PromptSpec]) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import torch
 from PIL import Image
 from tqdm import tqdm
-from transformers import AutoTokenizer, BlipConfig, BlipForQuestionAnswering, BlipProcessor
+from transformers import AutoTokenizer, BertTokenizer, BlipConfig, BlipForQuestionAnswering, BlipProcessor
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from evalkit.errors import ConfigError
@@ -30,8 +30,11 @@ class VQABackend(ABC):
 
     @classmethod
     @abstractmethod
-    def from_config(cls, config: Mapping[str, Any], device: torch.device, batch_size: int, tiny: bool) -> "VQABackend":
-        """The backend `config` describes (its keys other than `backend`), or its tiny seeded stand-in."""
+    def from_config(
+        cls, config: Mapping[str, Any], device: torch.device, batch_size: int, tiny: bool, random_weights: bool = False
+    ) -> "VQABackend":
+        """The backend `config` describes (its keys other than `backend`), its tiny seeded stand-in, or (with
+        `random_weights`) its full-size architecture with seeded random weights, for timing."""
 
     @abstractmethod
     def answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
@@ -49,11 +52,24 @@ def register_vqa_backend(name: str) -> Callable[[type[VQABackend]], type[VQABack
     return register
 
 
-def build_vqa_backend(config: Mapping[str, Any], device: torch.device, batch_size: int, tiny: bool) -> VQABackend:
+def build_vqa_backend(
+    config: Mapping[str, Any], device: torch.device, batch_size: int, tiny: bool, random_weights: bool = False
+) -> VQABackend:
     name = config.get("backend")
     if name not in VQA_BACKENDS:
         raise ConfigError(f"scorer tifa: unknown vqa backend {name!r}; choose from {sorted(VQA_BACKENDS)}")
-    return VQA_BACKENDS[name].from_config({k: v for k, v in config.items() if k != "backend"}, device, batch_size, tiny)
+    backend_config = {k: v for k, v in config.items() if k != "backend"}
+    return VQA_BACKENDS[name].from_config(backend_config, device, batch_size, tiny, random_weights)
+
+
+BERT_VOCABULARY_SIZE = 30522  # bert-base-uncased's, which BLIP's and MPNet's tokenizers extend
+
+
+def bert_size_wordpiece_tokenizer(extra_tokens: tuple[str, ...] = (), **kwargs) -> BertTokenizer:
+    """The tiny WordPiece tokenizer padded with "[unused<i>]" tokens to BERT's vocabulary size, then
+    `extra_tokens`: offline, and sized like the real vocabulary for full-size random-weight models."""
+    fillers = tuple(f"[unused{i}]" for i in range(BERT_VOCABULARY_SIZE - len(tiny_wordpiece_tokenizer())))
+    return tiny_wordpiece_tokenizer(fillers + tuple(extra_tokens), **kwargs)
 
 
 # The tiny BLIP: BLIP's layout (ViT image encoder, BERT question encoder and answer decoder) at toy sizes, with
@@ -64,21 +80,42 @@ TINY_BLIP_IMAGE_SIZE = 32
 TINY_BLIP_DECODER_START = "[DEC]"  # BLIP's bos token, the answer decoder's first input
 
 
+def _random_blip(
+    tokenizer: BertTokenizer, text_config: dict, vision_config: dict, seed: int = 0
+) -> tuple[BlipForQuestionAnswering, BlipProcessor]:
+    """A BLIP VQA model with seeded random weights whose special token ids are `tokenizer`'s."""
+    text_config = dict(
+        text_config, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=SPECIAL_TOKENS.index("[PAD]"), sep_token_id=SPECIAL_TOKENS.index("[SEP]"),
+    )
+    torch.manual_seed(seed)
+    config = BlipConfig(text_config=text_config, vision_config=vision_config)
+    model = BlipForQuestionAnswering(config)
+    side = config.vision_config.image_size
+    image_processor = BlipImageProcessorPil(size={"height": side, "width": side})
+    return model, BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
 def _tiny_blip(seed: int = 0) -> tuple[BlipForQuestionAnswering, BlipProcessor]:
     tokenizer = tiny_wordpiece_tokenizer((TINY_BLIP_DECODER_START,), bos_token=TINY_BLIP_DECODER_START)
     text_config = dict(
-        vocab_size=len(tokenizer), hidden_size=32, encoder_hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=SPECIAL_TOKENS.index("[PAD]"), sep_token_id=SPECIAL_TOKENS.index("[SEP]"), initializer_range=0.2,
+        hidden_size=32, encoder_hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, initializer_range=0.2,
     )
     vision_config = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         image_size=TINY_BLIP_IMAGE_SIZE, patch_size=8, initializer_range=0.02,
     )
-    torch.manual_seed(seed)
-    model = BlipForQuestionAnswering(BlipConfig(text_config=text_config, vision_config=vision_config))
-    image_processor = BlipImageProcessorPil(size={"height": TINY_BLIP_IMAGE_SIZE, "width": TINY_BLIP_IMAGE_SIZE})
-    return model, BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return _random_blip(tokenizer, text_config, vision_config, seed)
+
+
+def _full_size_random_blip() -> tuple[BlipForQuestionAnswering, BlipProcessor]:
+    """Salesforce/blip-vqa-capfilt-large's architecture: its config.json sets no sizes, so BlipConfig's defaults
+    (ViT-B/16 at 384 px, BERT-base text encoder and decoder; "capfilt-large" names the bootstrapped training data,
+    not the backbone)."""
+    # BERT's vocabulary and [DEC]: one token short of BlipTextConfig's default 30524, which counts [ENC] (unused here)
+    tokenizer = bert_size_wordpiece_tokenizer((TINY_BLIP_DECODER_START,), bos_token=TINY_BLIP_DECODER_START)
+    return _random_blip(tokenizer, {}, {})
 
 
 @register_vqa_backend("blip")
@@ -103,7 +140,9 @@ class BlipVQA(VQABackend):
         self.batch_size = batch_size
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], device: torch.device, batch_size: int, tiny: bool) -> "BlipVQA":
+    def from_config(
+        cls, config: Mapping[str, Any], device: torch.device, batch_size: int, tiny: bool, random_weights: bool = False
+    ) -> "BlipVQA":
         unknown = sorted(set(config) - {"hub_id", "revision", "max_length"})
         if unknown:
             raise ConfigError(f"scorer tifa: unknown blip vqa parameters {unknown}; it takes hub_id, revision, max_length")
@@ -113,6 +152,13 @@ class BlipVQA(VQABackend):
             name = f"tiny BLIP VQA (random weights, seed 0: a stand-in, answers mean nothing), greedy, max_length {max_length}"
             return cls(model, processor, name, device, max_length, batch_size)
         hub_id, revision = config["hub_id"], config["revision"]
+        if random_weights:
+            model, processor = _full_size_random_blip()
+            name = (
+                f"BLIP VQA {hub_id}'s architecture (random weights, seed 0, for timing only: answers mean nothing), "
+                f"greedy, max_length {max_length}"
+            )
+            return cls(model, processor, name, device, max_length, batch_size)
         what = "scorer tifa (vqa)"
         model = load_from_hub(what, hub_id, revision, lambda: BlipForQuestionAnswering.from_pretrained(hub_id, revision=revision, use_safetensors=True))
         processor = load_from_hub(what, hub_id, revision, lambda: BlipProcessor(
