@@ -74,7 +74,11 @@ SCORER_THROUGHPUT = "scorer throughput"
 PROJECTED = "projected GPU-hours"
 
 SAME_LATENTS_TOLERANCE = 1e-5
-HARNESS_TARGET = 1.03  # at most 3% slower than diffusers' own pipeline
+HARNESS_TARGET = 1.00  # no slower than diffusers' own pipeline
+AAE_TARGET = 0.8  # our Attend-and-Excite at most 0.8x diffusers' A&E pipeline per image
+# Overhead targets by (method, batch): Attention Regulation's paper reports +48.8% (A4000, batch 1); at its official
+# batch of 10 the fixed cost per call should mostly vanish.
+OVERHEAD_TARGETS = {("attention_regulation", 1): 0.488, ("attention_regulation", 10): 0.20}
 SPEED_UP_TARGET = 3.0  # batched sampling should give at least 3x the images per second of batch 1
 # Profiler events that make the host wait for the accelerator: the runtime calls themselves, and the ops that read a
 # tensor's value on the host (each one a synchronisation on a GPU).
@@ -448,8 +452,9 @@ class ModelBench:
                 if (name, batch) in measured and ("vanilla", batch) in measured:
                     t0 = measured[("vanilla", batch)].seconds
                     which = "its official batch" if batch == self.plan.official(name) else "batch 1"
+                    target = OVERHEAD_TARGETS.get((name, batch))
                     self.row(OVERHEAD, name, batch, measured[(name, batch)].seconds / t0 - 1.0, "fraction",
-                             f"{which}; vanilla {t0:.3f} s per call")
+                             f"{which}; vanilla {t0:.3f} s per call" + (f"; target <= {target:g}" if target else ""))
         batch = self.plan.generation_batch
         if batch != 1 and (name, batch) in measured and (name, 1) in measured:
             speed_up = measured[(name, 1)].seconds * batch / measured[(name, batch)].seconds
@@ -479,7 +484,7 @@ class ModelBench:
         finally:
             self.pipe.unet.set_attn_processor(processors)  # diffusers' pipeline leaves its processors on every layer
         self.row(AAE_RATIO, "attend_and_excite", 1, ours.seconds / seconds, "ratio",
-                 f"max latent difference {max_difference(ours.output, reference_latents):.2e}; target <= 1")
+                 f"max latent difference {max_difference(ours.output, reference_latents):.2e}; target <= {AAE_TARGET:g}")
         if 1 in self.reference_seconds:
             self.row(AAE_REFERENCE_OVERHEAD, "attend_and_excite", 1, seconds / self.reference_seconds[1] - 1.0,
                      "fraction", "against diffusers' StableDiffusionPipeline")

@@ -8,7 +8,8 @@ installed hook is `active` (vanilla's, and the classifier-free-guidance forwards
 
 One graph per input shape and attention setup, kept with the UNet for the life of the process. Weights are read
 where they are, so in-place changes (Separate-and-Enhance's keys) are seen; a UNet moved or re-created gets new
-graphs. Replays compute bit for bit what the eager forward computes.
+graphs. Replays run the kernels the eager forward runs; the first replay of each graph is checked against an eager
+forward of the same inputs, and a UNet whose capture fails or differs samples eagerly from then on.
 """
 
 from __future__ import annotations
@@ -72,10 +73,17 @@ def plain_forward(unet, sample: torch.Tensor, t: torch.Tensor, embeddings: torch
     graphs = _GRAPHS.setdefault(unet, {})
     key = (tuple(sample.shape), tuple(embeddings.shape), tuple(t.shape), sample.dtype, sample.device, setup)
     if key not in graphs:
+        eager = unet(sample, t, encoder_hidden_states=embeddings).sample
         try:
-            graphs[key] = CapturedForward(unet, sample, t, embeddings)
+            captured = CapturedForward(unet, sample, t, embeddings)
+            replayed = captured(sample, t, embeddings)
+            # A forward whose kernels depend on more than its inputs' shapes would replay wrongly: check once.
+            if not torch.allclose(replayed.float(), eager.float(), rtol=1e-3, atol=1e-3):
+                raise RuntimeError(f"the replay differs from the eager forward by {(replayed - eager).abs().max().item():.2e}")
         except Exception as error:  # a UNet whose forward cannot be captured still samples, eagerly
             _FAILED.add(unet)
             log.warning("CUDA graph capture of the UNet failed (%s: %s); sampling without graphs", type(error).__name__, error)
-            return unet(sample, t, encoder_hidden_states=embeddings).sample
+            return eager
+        graphs[key] = captured
+        return eager
     return graphs[key](sample, t, embeddings)
