@@ -53,6 +53,7 @@ import torch
 
 from evalkit.errors import ConfigError
 from evalkit.sampling.attention import AttentionHooks, attention_layers, layer_downsampling
+from evalkit.sampling.cuda_graphs import CapturedCall
 from evalkit.sampling.method import Method, register_method
 
 # The Gaussian basis needs sigma = width // BASIS_WIDTH_PER_SIGMA >= 1 (official: `sigma = width // 16`).
@@ -112,7 +113,8 @@ def optimise_edit(
     `scores` (images * heads, w, w, tokens) are the conditional logits, `weights` (images * heads, centres, 1, 1,
     targets) the random start, `basis` (1, centres, w, w, 1). Returns (the start's edit A, each image's best edit),
     both (images * heads, w, w, targets). Pure tensor code with no branch on a tensor's value, so that on a GPU the
-    whole optimisation is captured once as a CUDA graph and replayed (`CapturedOptimisation`)."""
+    whole optimisation is captured once as a CUDA graph and replayed: eager, one layer call is ~1,200 tiny kernels
+    (20 iterations of forward and backward) whose launches, not their arithmetic, set its time."""
     m = method
     heads = scores.shape[0] // images
     n_targets = targets.shape[0]
@@ -139,34 +141,6 @@ def optimise_edit(
     return initial, best
 
 
-class CapturedOptimisation:
-    """`optimise_edit` captured as a CUDA graph for one shape of inputs. Eager, one layer call is ~1,200 tiny
-    kernels (20 iterations of forward and backward) whose launches, not their arithmetic, set its time; a replay
-    launches them all at once. Replays compute bit for bit what the eager calls compute."""
-
-    def __init__(self, method, scores, weights, basis, targets, images):
-        self.scores, self.weights = scores.clone(), weights.clone()
-        self.basis, self.targets = basis, targets  # the graph reads them where they are: keep them alive
-
-        def run():
-            return optimise_edit(method, self.scores, self.weights, self.basis, self.targets, images)
-
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graph requires
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = run()
-
-    def __call__(self, scores, weights):
-        self.scores.copy_(scores)
-        self.weights.copy_(weights)
-        self.graph.replay()
-        return tuple(output.clone() for output in self.outputs)  # the next replay overwrites them
-
-
 class AttentionRegulationHook:
     """Edits the conditional logits of the regulated layers while `step` < edit_steps (see the module docstring).
 
@@ -189,7 +163,7 @@ class AttentionRegulationHook:
         self.basis: dict[int, torch.Tensor] = {}  # width -> (1, centres, w, w, 1)
         self.previous: dict[str, torch.Tensor] = {}  # layer -> its optimum A at the previous step, pre-average
         self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> P0's start/end columns
-        self.captured: dict[tuple, CapturedOptimisation] = method.captured_optimisations
+        self.captured: dict[tuple, CapturedCall] = method.captured_optimisations
 
     @property
     def active(self) -> bool:
@@ -245,7 +219,10 @@ class AttentionRegulationHook:
         if scores.is_cuda:
             key = (tuple(scores.shape), scores.dtype, tuple(weights.shape), self.target_positions, self.images, scores.device)
             if key not in self.captured:
-                self.captured[key] = CapturedOptimisation(self.method, scores, weights, basis, self.targets, self.images)
+                method, targets, images = self.method, self.targets, self.images
+                self.captured[key] = CapturedCall(
+                    lambda scores, weights: optimise_edit(method, scores, weights, basis, targets, images), scores, weights
+                )
             initial, best = self.captured[key](scores, weights)
         else:
             initial, best = optimise_edit(self.method, scores, weights, basis, self.targets, self.images)

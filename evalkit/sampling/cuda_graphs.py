@@ -1,4 +1,5 @@
-"""The UNet's plain forwards replayed as CUDA graphs.
+"""The UNet's plain forwards replayed as CUDA graphs (and `CapturedCall`, which methods use for their own loops:
+Attention Regulation's optimisation).
 
 At batch 1 a full-size Stable Diffusion UNet is bound by the host, not the GPU: on an H200 one 50-step image took
 1.5-1.8 s of which the GPU was busy 0.6 s, the rest being the launch of ~1,600 kernels per forward. A CUDA graph
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import logging
 import weakref
+from typing import Callable
 
 import torch
+from diffusers.models.attention_processor import Attention
 
 from evalkit.sampling.attention import ExplicitAttnProcessor
 
@@ -25,36 +28,48 @@ log = logging.getLogger("evalkit")
 
 _GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 _FAILED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+_MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
-class CapturedForward:
-    """One UNet forward recorded for fixed input shapes; `__call__` copies the inputs in and replays it."""
+class CapturedCall:
+    """`function(*inputs)` (tensors in, a tensor or a tuple of tensors out) recorded as a CUDA graph for the inputs'
+    shapes; calling it copies new inputs in and replays the recorded kernels. Whatever else the function reads
+    (weights, tensors its closure holds) is read where it is at replay time."""
 
-    def __init__(self, unet, sample: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor):
-        self.sample, self.t, self.embeddings = sample.clone(), t.clone(), embeddings.clone()
+    def __init__(self, function: Callable, *inputs: torch.Tensor):
+        self.inputs = [tensor.clone() for tensor in inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():  # warm-up off the capture, as torch.cuda.graph requires
+        with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graph requires
             for _ in range(2):
-                unet(self.sample, self.t, encoder_hidden_states=self.embeddings)
+                function(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.output = unet(self.sample, self.t, encoder_hidden_states=self.embeddings).sample
+        with torch.cuda.graph(self.graph):
+            self.outputs = function(*self.inputs)
 
-    def __call__(self, sample: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        self.sample.copy_(sample)
-        self.t.copy_(t)
-        self.embeddings.copy_(embeddings)
+    def __call__(self, *inputs: torch.Tensor):
+        for static, tensor in zip(self.inputs, inputs):
+            static.copy_(tensor)
         self.graph.replay()
-        return self.output.clone()  # the next replay overwrites it
+        # The next replay overwrites the outputs.
+        if isinstance(self.outputs, tuple):
+            return tuple(output.clone() for output in self.outputs)
+        return self.outputs.clone()
+
+
+def _attention_modules(unet) -> list:
+    """The UNet's attention modules, found once: `unet.attn_processors` walks every module (~1 ms a call)."""
+    if unet not in _MODULES:
+        _MODULES[unet] = [module for module in unet.modules() if isinstance(module, Attention)]
+    return _MODULES[unet]
 
 
 def _attention_setup(unet) -> tuple | None:
     """What the plain forward's kernels depend on beyond the shapes: each layer's own processor type. None when a
     hook is active in the coming forward (it must run eagerly)."""
     kinds = []
-    for processor in unet.attn_processors.values():
+    for processor in (module.processor for module in _attention_modules(unet)):
         if isinstance(processor, ExplicitAttnProcessor):
             if processor.hook.active:
                 return None
@@ -75,7 +90,8 @@ def plain_forward(unet, sample: torch.Tensor, t: torch.Tensor, embeddings: torch
     if key not in graphs:
         eager = unet(sample, t, encoder_hidden_states=embeddings).sample
         try:
-            captured = CapturedForward(unet, sample, t, embeddings)
+            captured = CapturedCall(lambda *inputs: unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample,
+                                    sample, t, embeddings)
             replayed = captured(sample, t, embeddings)
             # A forward whose kernels depend on more than its inputs' shapes would replay wrongly: check once.
             if not torch.allclose(replayed.float(), eager.float(), rtol=1e-3, atol=1e-3):
