@@ -221,6 +221,7 @@ def _compute_section(
     by_metric = {(row.model, row.dataset, row.variant, row.metric): row for row in compute.itertuples()}
     overhead_by_variant = {(row.model, row.dataset, row.variant): row for row in overhead.itertuples()}
     protocol = _timing_protocol(records)
+    with_notes = any(notes for _, notes in protocol.values())  # the column only when a method skipped work
     with_memory = PEAK_MEMORY_METRIC in set(compute["metric"])
     headers = ["dataset", "variant", "images per sampling call", "seconds per image", "overhead % [95% CI]"]
     if with_memory:
@@ -246,9 +247,11 @@ def _compute_section(
                 memory = by_metric.get((model, dataset, variant, PEAK_MEMORY_METRIC))
                 # NaN: generated on a CPU, where no accelerator peak is measured.
                 row_cells.append(MISSING if memory is None or pd.isna(memory.mean) else f"{memory.mean:.1f}")
-            row_cells.append(notes)
+            if with_notes:
+                row_cells.append(notes)
             table_rows.append(row_cells)
-    headers.append("what the method skipped")
+    if with_notes:
+        headers.append("what the method skipped")
     note = (
         "Overhead: (T - T0) / T0 of mean seconds per image against the baseline on the same model and dataset, each "
         "timed at the images per sampling call shown (one call samples several seeds of a prompt as one batch). "
