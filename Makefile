@@ -30,6 +30,12 @@ test: venv
 bench: venv
 	$(OFFLINE) $(PY) -m evalkit bench
 
+# The shapes-world model, weights/shapes-sd/ (conf/train_world.yaml): on a GPU (about 15 minutes on an H200; on the
+# device machine, scripts/train_shapes.sh). A re-run resumes, or re-exports a finished run; ARGS=... Hydra overrides.
+.PHONY: train-shapes
+train-shapes: venv
+	$(OFFLINE) $(PY) -m evalkit train-world $(ARGS)
+
 # `make reproduce-<table>` rebuilds one paper table (generate, score, report); `make reproduce` all of them.
 # MODEL=tiny runs the same experiment on the tiny random-weight stand-ins, offline (numbers mean nothing);
 # MODEL=<name> another model config; LIMIT=n the first n prompts; ARGS=... any further Hydra overrides.

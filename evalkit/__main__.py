@@ -1,9 +1,9 @@
-"""`python -m evalkit <generate|score|report|run|bench|finetune> [hydra overrides]`.
+"""`python -m evalkit <generate|score|report|run|bench|finetune|train-world> [hydra overrides]`.
 
 `run` does all three stages for every method the experiment lists (`methods=[...]`); `generate` does one method
 (`method=<name>`), so `--multirun method=a,b seeds=[0],[1]` sweeps methods and seeds. `bench` reads
 `conf/bench.yaml` instead of `conf/config.yaml`; `finetune` (Separate-and-Enhance's training) reads
-`conf/finetune.yaml`.
+`conf/finetune.yaml`; `train-world` (the shapes-world model, evalkit/world/train.py) reads `conf/train_world.yaml`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
@@ -23,7 +24,7 @@ from evalkit.sampling.method import build_method
 from evalkit.scoring.base import check_scorer
 from evalkit.stand_ins import with_stand_ins
 
-COMMANDS = ("generate", "score", "report", "run", "bench", "finetune")
+COMMANDS = ("generate", "score", "report", "run", "bench", "finetune", "train-world")
 USAGE = f"usage: python -m evalkit {{{','.join(COMMANDS)}}} [overrides...] [--multirun]"
 
 
@@ -41,10 +42,28 @@ def _group_choices(override) -> list[str]:
     return [str(name) for value in values for name in (value if isinstance(value, list) else [value]) if name is not None]
 
 
+# Hydra's own flags that take a value as the next argument (`--cfg job`, `--info defaults`): not overrides.
+FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp", "--config-name", "-cn",
+                    "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+
+
+def command_line_overrides(arguments: list[str]) -> list[str]:
+    """The overrides among the arguments: what is left without Hydra's flags and their values."""
+    overrides, after_flag = [], None
+    for argument in arguments:
+        if argument.startswith("-"):
+            after_flag = argument if argument in FLAGS_WITH_VALUE else None
+        elif after_flag is not None and "=" not in argument:
+            after_flag = None  # the flag's value (`--info` takes one optionally: an override has an "=")
+        else:
+            overrides.append(argument)
+    return overrides
+
+
 def check_group_choices(arguments: list[str]) -> None:
     """Raise ConfigError naming an unknown model, method, dataset, scorer or experiment in the command line's
     overrides, before Hydra composes (whose miss is a multi-line error) and before any model loads."""
-    overrides = [argument for argument in arguments if not argument.startswith("-")]
+    overrides = command_line_overrides(arguments)
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as error:
@@ -62,10 +81,12 @@ def check_group_choices(arguments: list[str]) -> None:
 def run_all(cfg: DictConfig) -> None:
     method_configs = [stages.method_config(name) for name in cfg.methods]  # all known before any image is made
     for method in method_configs:
-        build_method(OmegaConf.to_container(method, resolve=True))
+        build_method(OmegaConf.to_container(method, resolve=True)).configure_for_experiment(
+            OmegaConf.to_container(cfg.scorers, resolve=True))
     for scorer in cfg.scorers.values():
         check_scorer(OmegaConf.to_container(scorer, resolve=True), list(cfg.methods))
-    stages.paper_table(cfg)  # the published table the report compares with is readable
+    stages.paper_table(cfg)  # the published table the report compares with is readable, its protocol well-formed
+    stages.headline_metrics(cfg)  # and the report's first table names metrics the scorers give
     for method in method_configs:
         run_cfg = cfg.copy()
         OmegaConf.update(run_cfg, "method", method, merge=False)
@@ -86,11 +107,18 @@ def finetune(cfg: DictConfig) -> None:
     run_finetune(cfg)
 
 
+def train_world(cfg: DictConfig) -> None:
+    from evalkit.world.train import train_world as run_train_world
+
+    run_train_world(cfg)
+
+
 STAGES = {
     "generate": stages.generate, "score": stages.score, "report": stages.report, "run": run_all, "bench": bench,
-    "finetune": finetune,
+    "finetune": finetune, "train-world": train_world,
 }
-CONFIG_NAMES = {"bench": "bench", "finetune": "finetune"}  # every other command reads conf/config.yaml
+# every other command reads conf/config.yaml
+CONFIG_NAMES = {"bench": "bench", "finetune": "finetune", "train-world": "train_world"}
 
 
 def main() -> None:
@@ -110,8 +138,11 @@ def main() -> None:
     def entry(cfg: DictConfig) -> None:
         logging.getLogger("evalkit").setLevel(logging.INFO)
         try:
-            STAGES[command](with_stand_ins(cfg))
+            STAGES[command](with_stand_ins(cfg, HydraConfig.get().overrides.task))  # this job's own, in a multirun
         except EvalkitError as error:
+            print(f"evalkit: error: {error}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as error:  # a folder that cannot be made or written (store_root, report_dir), a full disk
             print(f"evalkit: error: {error}", file=sys.stderr)
             sys.exit(2)
 

@@ -60,6 +60,13 @@ def segment_masks(layout: np.ndarray, count: int) -> tuple[list[np.ndarray], flo
     return masks, uncovered
 
 
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Reads dicts, lists, strings and numbers only: unpickling any class could run code from the file."""
+
+    def find_class(self, module: str, name: str):
+        raise EvalkitError(f"the captions pickle holds a {module}.{name}; only plain data (dicts, lists, strings) is read")
+
+
 def _read_layouts(source: Path) -> dict[str, bytes]:
     """PNG bytes by file stem, from a .tar.gz archive or a folder."""
     if source.is_dir():
@@ -80,7 +87,7 @@ def convert(captions: Path, layouts: Path, out_dir: Path, name: str, id_prefix: 
     if out_file.exists() and not overwrite:
         raise EvalkitError(f"{out_file} exists; pass --overwrite to replace it")
     with open(captions, "rb") as f:
-        entries = pickle.load(f)
+        entries = _PlainDataUnpickler(f).load()
     pngs = _read_layouts(layouts)
     indexer = TokenIndexer(clip_tokenizer())
     rows, masks_by_path, report = [], {}, []

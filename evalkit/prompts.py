@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from evalkit.errors import DatasetError, PromptError
+from evalkit.errors import ConfigError, DatasetError, PromptError
 
 _KNOWN_FIELDS = {"id", "prompt", "subjects", "groups", "segments", "subprompts", "targets", "extra"}
 
@@ -106,6 +106,8 @@ def load_prompt_set(path: str | Path, limit: int | None = None, exclude: Sequenc
     `exclude`: ids a dataset config leaves out (each must exist, so a typo cannot pass silently), before `limit`.
     """
     path = Path(path)
+    if limit is not None and limit < 1:  # 0 must not read as "no limit"
+        raise ConfigError(f"limit must be at least 1, or null for every prompt; got {limit}")
     if not path.is_file():
         raise DatasetError(f"prompt set {path} does not exist")
     specs: list[PromptSpec] = []
@@ -131,7 +133,7 @@ def load_prompt_set(path: str | Path, limit: int | None = None, exclude: Sequenc
     specs = [spec for spec in specs if spec.id not in set(exclude)]
     if not specs:
         raise DatasetError(f"prompt set {path} has no rows")
-    return specs[:limit] if limit else specs
+    return specs if limit is None else specs[:limit]
 
 
 def file_sha256(path: str | Path) -> str:

@@ -3,6 +3,8 @@ and re-running a killed stage resumes it: generate (images into the store), scor
 
 from __future__ import annotations
 
+import os
+
 import json
 import logging
 import time
@@ -16,9 +18,11 @@ from tqdm import tqdm
 
 from evalkit.errors import ConfigError, StoreError
 from evalkit.manifest import PROJECT_ROOT, config_hash, git_commit, hardware, package_versions
-from evalkit.models.loading import load_pipeline, resolve_device
+from evalkit.models.loading import load_pipeline, model_revision, model_source, resolve_device
 from evalkit.prompts import PromptSpec, TokenIndexer, file_sha256, load_prompt_set
+from evalkit.reporting.aggregate import SECONDS_METRIC
 from evalkit.reporting.completeness import SCORE_COLUMNS
+from evalkit.sampling.diagnostics import missing_resolution
 from evalkit.sampling.loop import SamplingSettings, sample
 from evalkit.sampling.method import build_method
 from evalkit.sharding import Shard, generation_batches, image_name
@@ -62,10 +66,12 @@ def variant_of(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     method = OmegaConf.to_container(cfg.method, resolve=True)
     if method.get("checkpoint"):  # a method that loads finetuned weights: its images change with the file's content
         method["checkpoint_sha256"] = file_sha256(project_path(method["checkpoint"]))
+    if method.get("verifier") is not None:  # best_of_n: the verifier's settings decide which images it keeps
+        method["verifier_config"] = OmegaConf.to_container(cfg.scorers[method["verifier"]], resolve=True)
     identity = {
         "method": method,
         "sampling": OmegaConf.to_container(cfg.sampling, resolve=True),
-        "model": {"name": cfg.model.name, "revision": cfg.model.get("revision"), "seed": cfg.model.get("seed")},
+        "model": {"name": cfg.model.name, "revision": model_revision(cfg.model), "seed": cfg.model.get("seed")},
     }
     return f"{cfg.method.name}@{config_hash(identity)}", identity
 
@@ -80,6 +86,15 @@ def read_manifests(cfg: DictConfig) -> list[dict]:
     if not manifests:
         raise ConfigError(f"no generation has run for experiment {cfg.experiment_name!r} (nothing in {folder}); run `python -m evalkit generate` first")
     return manifests
+
+
+def _check_creatable(folder: Path, key: str) -> None:
+    """Raise ConfigError unless `folder` is, or can be made as, a writable folder (nothing is created here)."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{key} {folder} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} {folder} cannot be created: {existing} is not writable")
 
 
 def generate(cfg: DictConfig) -> None:
@@ -99,16 +114,24 @@ def generate(cfg: DictConfig) -> None:
         for spec in specs:
             scorer_class(scorer_cfg.name).check_prompt(spec)
     method = build_method(OmegaConf.to_container(cfg.method, resolve=True))
+    method.configure_for_experiment(OmegaConf.to_container(cfg.scorers, resolve=True))
+    store = ImageStore(project_path(cfg.store_root))
+    _check_creatable(store.root, "store_root")  # before any model loads, not when the first image is written
     settings = sampling_settings(cfg)
     device = resolve_device(cfg.device)
-    pipe = load_pipeline(cfg.model, device, cfg.sampling.scheduler)
+    # scheduler_options: only experiments that set them (a paper's scheduler on an older diffusers) have the key, so
+    # every other variant's hash stays as it was.
+    options = cfg.sampling.get("scheduler_options")
+    pipe = load_pipeline(cfg.model, device, cfg.sampling.scheduler, None if options is None else dict(options))
     indexer = TokenIndexer(pipe.tokenizer)
+    diagnostics_resolution, diagnostics_skipped = _attention_diagnostics(cfg, pipe, settings)
     for spec in specs:  # every prompt's annotations are checked before any image is generated
         method.check(spec, indexer)
+        if diagnostics_resolution is not None and spec.subjects:
+            indexer.subject_indices(spec)  # the diagnostics find each subject's tokens
     for scorer_cfg in cfg.scorers.values():  # ... and what the scorers need of it
         scorer_class(scorer_cfg.name).check_prompts(OmegaConf.to_container(scorer_cfg, resolve=True), specs)
 
-    store = ImageStore(project_path(cfg.store_root))
     variant, identity = variant_of(cfg)
     model, dataset = cfg.model.name, cfg.dataset.name
     versions, commit = package_versions(), git_commit()
@@ -118,8 +141,8 @@ def generate(cfg: DictConfig) -> None:
             "stage": "generate", "experiment": cfg.experiment_name, "model": model, "method": method.name,
             "variant": variant, "dataset": dataset, "dataset_path": str(cfg.dataset.path),
             "dataset_version": cfg.dataset.version, "dataset_sha256": file_sha256(dataset_path),
-            "model_source": cfg.model.get("hub_id", "tiny (random weights, built offline)"),
-            "model_revision": cfg.model.get("revision"), "seeds": seeds, "limit": cfg.limit,
+            "model_source": model_source(cfg.model),
+            "model_revision": model_revision(cfg.model), "seeds": seeds, "limit": cfg.limit,
             "config": OmegaConf.to_container(cfg, resolve=True), "identity": identity,
             "versions": versions, "git_commit": commit, "hardware": hardware(device),
         },
@@ -155,24 +178,46 @@ def generate(cfg: DictConfig) -> None:
     sample(pipe, build_method({"name": "vanilla"}), todo[0][0], seeds[:1], warm, indexer)
 
     base_record = {
-        "model": model, "model_revision": cfg.model.get("revision"), "method": method.name, "variant": variant,
+        "model": model, "model_revision": model_revision(cfg.model), "method": method.name, "variant": variant,
         "method_config": identity["method"], "sampling": identity["sampling"], "dataset": dataset,
         "device": str(device), "dtype": str(pipe.unet.dtype), "git_commit": commit, "versions": versions,
         "random_weights": bool(cfg.model.get("random_weights", False)),
     }
     with tqdm(total=to_generate, desc=f"generate {variant}", unit="img") as progress:
         for spec, chunk in todo:
-            result = sample(pipe, method, spec, chunk, settings, indexer, cuda_graphs=bool(cfg.cuda_graphs))
-            for seed, image, failed in zip(chunk, result.images, result.failed_step):
+            result = method.sample_images(
+                lambda seeds: sample(pipe, method, spec, seeds, settings, indexer, cuda_graphs=bool(cfg.cuda_graphs),
+                                     attention_diagnostics=diagnostics_resolution),
+                spec, chunk,
+            )
+            for j, (seed, image, failed) in enumerate(zip(chunk, result.images, result.failed_step)):
                 record = dict(
                     base_record, prompt_id=spec.id, prompt=spec.prompt, seed=seed,
                     status="ok" if failed is None else "failed", failed_step=failed,
                     seconds_per_image=result.seconds / len(chunk), batch_size=len(chunk),
                     batch_seconds=result.seconds, peak_memory_bytes=result.peak_memory_bytes, method_notes=result.notes,
+                    attention_diagnostics=None if result.attention_diagnostics is None else result.attention_diagnostics[j],
+                    attention_diagnostics_skipped=diagnostics_skipped or result.attention_diagnostics_skipped,
+                    selection=None if result.selection is None else result.selection[j],
                     created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 )
                 store.put(ImageKey(model, variant, dataset, spec.id, seed), image if failed is None else None, record)
             progress.update(len(chunk))
+
+
+def _attention_diagnostics(cfg: DictConfig, pipe, settings: SamplingSettings) -> tuple[int | None, str | None]:
+    """The map resolution whose attention diagnostics generation records (None: none) and why none: `record` is
+    auto (where the model has such maps), true (an error where it has none) or false."""
+    record, resolution = cfg.attention_diagnostics.record, int(cfg.attention_diagnostics.resolution)
+    if record not in (True, False, "auto"):
+        raise ConfigError(f"attention_diagnostics.record must be auto, true or false, got {record!r}")
+    if record is False:
+        return None, "off (attention_diagnostics.record=false)"
+    missing = missing_resolution(pipe.unet, settings.height // pipe.vae_scale_factor, resolution)
+    if missing is not None and record is True:
+        raise ConfigError(f"attention_diagnostics.record=true, but {missing}; set attention_diagnostics.resolution "
+                          "to one of them, or attention_diagnostics.record=auto")
+    return (None, missing) if missing is not None else (resolution, None)
 
 
 def _scores_folder(cfg: DictConfig, scorer_key: str) -> Path:
@@ -294,13 +339,41 @@ def paper_table(cfg: DictConfig):
     paper = cfg.get("paper_table")
     if paper is None:
         return None
+    protocol = OmegaConf.to_container(paper.protocol, resolve=True) if paper.get("protocol") is not None else None
     if paper.cells is None:
-        return PaperTable(paper.title, None, paper.not_available)
+        return PaperTable(paper.title, None, paper.not_available, protocol)
     cells = pd.read_csv(project_path(paper.cells), dtype={"paper_text": str, "table": str})
     cells = cells[cells["table"] == str(paper.table)]
     if cells.empty:
         raise ConfigError(f"paper_table: {paper.cells} has no cells of table {paper.table}")
-    return PaperTable(paper.title, cells)
+    return PaperTable(paper.title, cells, protocol=protocol)
+
+
+def headline_metrics(cfg: DictConfig) -> list[str]:
+    """The metrics of the report's first table: `headline_metrics`, or each configured scorer's first metric."""
+    from evalkit.reporting.render import OVERHEAD_METRIC
+    from evalkit.scoring.base import scorer_class
+
+    scorer_metrics = [list(scorer_class(c.name).metrics) for c in cfg.scorers.values()]
+    if cfg.get("headline_metrics") is None:
+        return [metrics[0] for metrics in scorer_metrics]
+    # The overhead is computed from seconds per image, which the overhead scorer records.
+    known = {metric for metrics in scorer_metrics for metric in metrics if not metric.endswith("/")}
+    known |= {OVERHEAD_METRIC} if SECONDS_METRIC in known else set()
+    for metric in cfg.headline_metrics:
+        if metric not in known:
+            raise ConfigError(f"headline_metrics: no configured scorer gives {metric!r}; "
+                              f"choose from {', '.join(sorted(known))}")
+    return list(cfg.headline_metrics)
+
+
+def _diagnostics_and_verifier(record: dict) -> dict:
+    """A record's attention diagnostics (evalkit/sampling/diagnostics.py) and, for a selecting method (best_of_n),
+    its verifier: the scorer name its scores rows carry and the metric it selected by."""
+    selection = record.get("selection") or {}
+    return {"attention_diagnostics": record.get("attention_diagnostics"),
+            "attention_diagnostics_skipped": record.get("attention_diagnostics_skipped"),
+            "verifier_scorer": selection.get("verifier_scorer"), "verifier_metric": selection.get("verifier_metric")}
 
 
 def _generation_wanted(cfg: DictConfig, dataset: str, dataset_path: str) -> set[tuple[str, int]]:
@@ -324,16 +397,23 @@ def report(cfg: DictConfig) -> Path:
             wanted = len(_generation_wanted(cfg, cfg.dataset.name, cfg.dataset.path))
             missing.append(Missing(cfg.model.name, method, cfg.dataset.name, "generate", wanted, wanted,
                                    "the experiment lists this method; none of its images is generated"))
+    subsets: dict[str, dict[str, Any]] = {}  # per prompt set file, prompt id -> its subset (for the breakdown)
     for manifest in manifests:
         set_id = (manifest["model"], manifest["variant"], manifest["dataset"])
         generated, scorable = set(), set()
+        if manifest["dataset_path"] not in subsets:
+            specs = load_prompt_set(project_path(manifest["dataset_path"]))
+            subsets[manifest["dataset_path"]] = {spec.id: spec.extra.get("subset") for spec in specs}
+        prompt_subsets = subsets[manifest["dataset_path"]]
         readable, unreadable = _scoreable(store, manifest, needs_images=False)
         damaged += unreadable
         for key, record in readable.items():
             records.append({"model": key.model, "method": key.method, "variant": key.variant, "dataset": key.dataset,
                             "prompt_id": key.prompt_id, "seed": key.seed, "prompt": record.get("prompt"),
                             "status": record.get("status"), "failed_step": record.get("failed_step"),
-                            "batch_size": record.get("batch_size"), "method_notes": record.get("method_notes", [])})
+                            "batch_size": record.get("batch_size"), "method_notes": record.get("method_notes", []),
+                            "subset": prompt_subsets.get(key.prompt_id),
+                            **_diagnostics_and_verifier(record)})
             generated.add((key.prompt_id, key.seed))
             if record.get("status") != "ok":
                 continue
@@ -363,6 +443,6 @@ def report(cfg: DictConfig) -> Path:
     out_dir = project_path(cfg.report_dir)
     index = write_report(out_dir, cfg.title, scores, pd.DataFrame(records), manifests + read_scoring_manifests(cfg),
                          pd.DataFrame(images), cfg.get("notice"), metric_info, paper_table(cfg), missing=missing,
-                         timing_note=cfg.get("timing_note"))
+                         timing_note=cfg.get("timing_note"), headline_metrics=headline_metrics(cfg))
     print(f"report written: {index} (and {out_dir / 'README.md'})")
     return index

@@ -10,6 +10,9 @@ the report carries `stand_in_notice`: the numbers mean nothing.
 
 from __future__ import annotations
 
+from typing import Sequence
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from evalkit.errors import ConfigError
@@ -23,12 +26,16 @@ def _stand_in_config(group: str, name: str):
     return OmegaConf.load(path) if path.is_file() else None
 
 
-def with_stand_ins(cfg: DictConfig) -> DictConfig:
-    """`cfg` itself when `stand_ins` is off; else a copy on the tiny models."""
+def with_stand_ins(cfg: DictConfig, overrides: Sequence[str] = ()) -> DictConfig:
+    """`cfg` itself when `stand_ins` is off; else a copy on the tiny models. `overrides` are the command line's:
+    its `model.*` ones apply to the tiny model too (`model.num_inference_steps=3` is not lost with the model)."""
     if not cfg.get("stand_ins"):
         return cfg
     cfg = cfg.copy()
     OmegaConf.update(cfg, "model", _stand_in_config("model", "tiny"), merge=False)
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        if override.key_or_group.startswith("model.") and not override.is_delete():
+            OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True, force_add=True)
     for key, scorer in cfg.scorers.items():
         tiny = _stand_in_config("scorer", f"{key}_tiny")
         if tiny is not None:

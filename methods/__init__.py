@@ -8,3 +8,4 @@ from methods import attention_regulation  # noqa: F401
 from methods import conform  # noqa: F401
 from methods import dense_diffusion  # noqa: F401
 from methods import separate_and_enhance  # noqa: F401
+from methods import best_of_n  # noqa: F401

@@ -25,23 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from evalkit.sampling.attention_guidance import AttentionGuidance, softmax_over_text_tokens
+from evalkit.sampling.attention_guidance import AttentionGuidance, subject_maxima
 from evalkit.sampling.method import register_method
-from evalkit.sampling.smoothing import smooth
-
-
-def subject_maxima(attention_maps: torch.Tensor, token_indices: list[int], kernel: torch.Tensor | None) -> torch.Tensor:
-    """The peak of each subject token's map, (..., subjects), from (..., res, res, 77) maps averaged over heads and
-    layers.
-
-    The softmax runs over the text tokens without SOT and the last position (EOT and padding stay in, as in
-    A&E for SD 1.x); the x100 sharpens it. Token indices count SOT as 0, hence the -1 shift.
-    """
-    text_attention = softmax_over_text_tokens(attention_maps)
-    subject_maps = torch.stack([text_attention[..., index - 1] for index in token_indices], dim=-3)
-    if kernel is not None:
-        subject_maps = smooth(subject_maps, kernel)
-    return subject_maps.amax(dim=(-2, -1))
 
 
 def attend_and_excite_loss(maxima: torch.Tensor) -> torch.Tensor:

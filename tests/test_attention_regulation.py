@@ -4,7 +4,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -49,11 +48,24 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# DPM-Solver as diffusers 0.23.1 builds it: its last step ends at the smallest training sigma, where newer diffusers
+# default to sigma 0 (final_sigmas_type='zero'); only the last step differs. The AR experiments sample with these.
+AR_SCHEDULER_OPTIONS = {"final_sigmas_type": "sigma_min"}
+
+
 def _official_scheduler(pipe):
-    """DPM-Solver as diffusers 0.23.1 builds it: its last step ends at the smallest training sigma, where newer
-    diffusers default to sigma 0 (final_sigmas_type='zero'); only the last step differs."""
-    set_scheduler(pipe, "dpm_solver")
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, final_sigmas_type="sigma_min")
+    set_scheduler(pipe, "dpm_solver", AR_SCHEDULER_OPTIONS)
+
+
+@pytest.mark.parametrize("experiment", ["ar_table1", "ar_table2_fid", "ar_table3_models"])
+def test_the_ar_experiments_sample_with_the_scheduler_the_official_run_had(experiment):
+    sampling = OmegaConf.load(PROJECT_ROOT / "conf" / "experiment" / f"{experiment}.yaml").sampling
+    assert sampling.scheduler == "dpm_solver" and dict(sampling.scheduler_options) == AR_SCHEDULER_OPTIONS
+
+
+def test_an_unknown_scheduler_option_is_a_one_line_error(tiny_pipe):
+    with pytest.raises(ConfigError, match=r"scheduler dpm_solver: unknown scheduler_options \['final_sigma'\]"):
+        set_scheduler(tiny_pipe, "dpm_solver", {"final_sigma": "sigma_min"})
 
 
 def _with_official_embeddings(pipe, golden):

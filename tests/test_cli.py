@@ -64,3 +64,39 @@ def test_lpips_and_fid_run_resume_in_a_multirun_and_reach_the_report(tmp_path):
     assert len(list((scores / "fid").glob("*.csv"))) == 2  # the fid job of the sweep scored again
     readme = (tmp_path / "report" / "README.md").read_text()
     assert "lpips_vs_vanilla ↓" in readme and "## Set-level results" in readme and "| fid ↓ |" in readme
+
+
+def test_bad_places_and_limits_are_one_line_before_any_model_loads(tmp_path):
+    result = evalkit("generate", *TINY, "limit=0", tmp_path=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "evalkit: error: limit must be at least 1, or null for every prompt; got 0"
+    (tmp_path / "store").write_text("a file where the store's folder would go")
+    result = evalkit("generate", *TINY, tmp_path=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"evalkit: error: store_root {tmp_path / 'store'} cannot be created: {tmp_path / 'store'} is a file"
+
+
+def test_hydras_own_flags_are_not_taken_for_overrides(tmp_path):
+    shown = evalkit("generate", "--cfg", "job", *TINY, tmp_path=tmp_path)
+    assert shown.returncode == 0 and "num_inference_steps: 2" in shown.stdout, shown.stderr
+    informed = evalkit("generate", "--info", "defaults", *TINY, tmp_path=tmp_path)
+    assert informed.returncode == 0 and "model/tiny" in informed.stdout, informed.stderr
+    assert not (tmp_path / "store").exists()
+
+
+def test_model_overrides_survive_the_stand_ins():
+    from hydra import compose, initialize_config_dir
+
+    from evalkit.stand_ins import with_stand_ins
+
+    overrides = ["stand_ins=true", "model=sd15", "model.num_inference_steps=3"]
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = with_stand_ins(compose("config", overrides=overrides), overrides)
+    assert cfg.model.name == "tiny" and cfg.model.num_inference_steps == 3 and cfg.sampling.num_inference_steps == 3
+
+
+def test_a_headline_metric_no_scorer_gives_is_one_line_before_generation(tmp_path):
+    result = evalkit("run", *TINY, "headline_metrics=[clip_full,detection_rate]", tmp_path=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "headline_metrics: no configured scorer gives 'detection_rate'; choose from" in result.stderr
+    assert not (tmp_path / "store").exists()

@@ -122,3 +122,18 @@ def test_fewer_colours_than_segments_is_refused():
     layout = np.zeros((LAYOUT_SIDE, LAYOUT_SIDE, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="1 colours for 2 segments"):
         segment_masks(layout, 2)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("unpickling ran code",))
+
+
+def test_a_captions_pickle_holding_code_is_refused_unrun(tmp_path, capsys):
+    captions = tmp_path / "evil.pkl"
+    captions.write_bytes(pickle.dumps({0: {"textual_condition": _RunsCode(), "segment_descriptions": [""]}}))
+    with pytest.raises(SystemExit):
+        main([str(captions), str(tmp_path), str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert "unpickling ran code" not in captured.out
+    assert captured.err.strip() == "error: the captions pickle holds a builtins.print; only plain data (dicts, lists, strings) is read"

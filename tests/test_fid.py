@@ -211,9 +211,10 @@ def test_report_shows_set_rows_apart_and_keeps_per_image_aggregation(tmp_path):
     readme = (tmp_path / "report" / "README.md").read_text()
     results, set_section = readme.split("## Set-level results")[0], readme.split("## Set-level results")[1]
     set_section = set_section.split("## ")[0]
-    assert "0.600 \\[0.500, 0.700\\]" in results and "fid" not in results  # per-image mean and interval, no FID
+    # the headline: per-image mean and interval for CLIP; FID one value per set, without an interval
+    assert "| attend_and_excite | **0.600 \\[0.500, 0.700\\]** | 17.250 |" in results
     assert "| toy | attend_and_excite | fid ↓ | 17.250 | 2 |" in set_section
     assert "| toy | vanilla | fid ↓ | 12.500 | 2 |" in set_section
-    paired = readme.split("## Paired difference vs vanilla")[1].split("## ")[0]
+    paired = readme.split("## Paired differences vs vanilla")[1].split("## ")[0]
     assert "clip" in paired and "fid" not in paired
-    assert (tmp_path / "report" / "plots" / "fid.png").is_file()
+    assert (tmp_path / "report" / "plots" / "toy__paired_differences.png").is_file()

@@ -1,6 +1,7 @@
 """Aggregation numbers against hand-checkable answers, and a small report written end to end."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -171,10 +172,9 @@ def test_write_report_escapes_user_text_and_writes_plots_and_grids(tmp_path):
     assert json.dumps(SCRIPT_PROMPT)[1:-1].replace("<", "&lt;").replace(">", "&gt;") in page
     readme = (out_dir / "README.md").read_text(encoding="utf-8")
     assert readme.startswith("> **⚠ Made with tiny random-weight models")
-    assert "[toy / p0: &lt;script&gt;alert(1)&lt;/script&gt; a cat](grids/toy__p0.png)" in readme
-    assert {path.name for path in (out_dir / "plots").iterdir()} == {
-        "clip.png", "seconds_per_image.png", "peak_memory_mb.png"
-    }
+    assert "![toy / p0: &lt;script&gt;alert(1)&lt;/script&gt; a cat (clip range over methods: 0.200)](grids/toy__p0.png)" in readme
+    assert {path.name for path in (out_dir / "plots").iterdir()} == {"toy__paired_differences.png", "toy__quality_vs_compute.png"}
+    assert (out_dir / "grids" / "toy.html").is_file() and "[All 1 grids of toy, in that order](grids/toy.md)" in readme
     with Image.open(out_dir / "grids" / "toy__p0.png") as grid:
         assert grid.width > 2 * 192 and grid.height > 2 * 192  # two variant columns, two seed rows
 
@@ -193,3 +193,165 @@ def test_compute_section_gives_the_batch_times_were_taken_at_and_what_a_method_s
     text = (tmp_path / "README.md").read_text()
     assert "Timing protocol: ten seeds per call, as the official script" in text
     assert "images per sampling call" in text and f"1 of 2 images: {skipped}" in text
+
+
+BEST_OF_4 = "best_of_n@4444000000"
+
+
+def _three_methods(tmp_path):
+    """Scores, records and images of vanilla, attend_and_excite and best_of_n on two prompts of two subsets, two
+    seeds each: on p1 the methods disagree on clip far more than on p0."""
+    values = {  # (variant, prompt) -> clip of seeds 0 and 1
+        (VANILLA, "p0"): [0.30, 0.32], (EXCITE, "p0"): [0.31, 0.33], (BEST_OF_4, "p0"): [0.30, 0.33],
+        (VANILLA, "p1"): [0.10, 0.12], (EXCITE, "p1"): [0.50, 0.52], (BEST_OF_4, "p1"): [0.30, 0.31],
+    }
+    seconds = {VANILLA: 1.0, EXCITE: 5.0, BEST_OF_4: 4.0}
+    rows, records, images = [], [], []
+    for (variant, prompt_id), clip in values.items():
+        for seed, value in enumerate(clip):
+            key = {"model": "tiny", "method": variant.split("@")[0], "variant": variant, "dataset": "toy",
+                   "prompt_id": prompt_id, "seed": seed}
+            rows += [dict(key, metric="clip", value=value, scorer="clip-scorer"),
+                     dict(key, metric="clip_min", value=value / 2, scorer="clip-scorer"),
+                     dict(key, metric="detection/cat", value=float(value > 0.2), scorer="det"),
+                     dict(key, metric="detection_rate", value=float(value > 0.2), scorer="det"),
+                     dict(key, metric="seconds_per_image", value=seconds[variant] + seed / 10, scorer="timer")]
+            records.append(dict(key, status="ok", failed_step=None, prompt=f"prompt {prompt_id}",
+                                subset={"p0": "animals", "p1": "objects"}[prompt_id]))
+            path = tmp_path / f"{variant.split('@')[0]}_{prompt_id}_{seed}.png"
+            Image.new("RGB", (16, 16), (int(value * 255), 0, 0)).save(path)
+            images.append(dict(key, path=str(path)))
+    return pd.DataFrame(rows), pd.DataFrame(records), pd.DataFrame(images)
+
+
+METRIC_INFO = {"clip": True, "clip_min": True, "detection_rate": True, "detection/": True, "seconds_per_image": False}
+
+
+def test_headline_table_comes_first_with_the_papers_values_beside_and_the_best_in_bold(tmp_path):
+    scores, records, images = _three_methods(tmp_path)
+    paper = PaperTable("A paper, Table 1", pd.DataFrame([
+        {"model": "tiny", "dataset": "toy", "method": "attend_and_excite", "metric": "clip", "value": 0.41,
+         "paper_text": "0.410", "source": "p. 1"},
+        {"model": "tiny", "dataset": None, "method": "attend_and_excite", "metric": "overhead", "value": 3.0,
+         "paper_text": "300.0%", "source": "p. 1"},
+    ]))
+    write_report(tmp_path / "r", "t", scores, records, [], images, None, METRIC_INFO, paper,
+                 headline_metrics=["clip", "detection_rate", "overhead"])
+    readme = (tmp_path / "r" / "README.md").read_text()
+    assert readme.index("## Results: toy") < readme.index("## Image grids") < readme.index("## Plots")
+    headline = readme[readme.index("| method |"):readme.index("## Image grids")]
+    assert headline.splitlines()[0] == (
+        "| method | clip ↑ | clip in the paper | detection_rate ↑ | overhead % vs vanilla ↓ | overhead in the paper |")
+    excite = next(line for line in headline.splitlines() if line.startswith("| attend_and_excite |"))
+    # attend_and_excite has the best clip (bold), the paper's 0.410 beside it; vanilla the lowest overhead (none)
+    # and best_of_n a lower one than attend_and_excite's, so best_of_n's is bold
+    assert excite.startswith("| attend_and_excite | **0.415 \\[0.320, 0.510\\]** |") and "| 0.410 |" in excite and "| 300.0% |" in excite
+    best_of_n = next(line for line in headline.splitlines() if line.startswith("| best_of_n |"))
+    assert "| **+" in best_of_n and "| – |" in best_of_n  # no paper value for best_of_n
+    assert "clip_min" not in headline and "detection/cat" not in headline
+
+
+def test_paired_differences_are_a_method_by_metric_table_and_breakdowns_collapse(tmp_path):
+    scores, records, images = _three_methods(tmp_path)
+    write_report(tmp_path / "r", "t", scores, records, [], images, None, METRIC_INFO,
+                 headline_metrics=["clip", "detection_rate"])
+    page = (tmp_path / "r" / "index.html").read_text()
+    paired = page[page.index("<h2>Paired differences vs vanilla</h2>"):page.index("<h2>Compute overhead</h2>")]
+    assert "<th>method</th><th>clip ↑</th><th>detection_rate ↑</th>" in paired
+    assert "<td>attend_and_excite</td><td><strong>+0.205 [+0.010, +0.400]</strong></td>" in paired  # excludes 0
+    assert "<td>clip_min ↑</td><td><strong>+0.103 [" in paired  # the other metrics, collapsed
+    breakdowns = page[page.index("<h2>Breakdowns</h2>"):page.index("<h2>Failures per method</h2>")]
+    assert "<details><summary>toy: clip in detail, 1 more metrics of its scorer (clip_min)</summary>" in breakdowns
+    assert "<summary>toy: detection_rate in detail, 1 more metrics of its scorer (detection/cat)</summary>" in breakdowns
+    # per subset: the methods tie on p0 (animals) and attend_and_excite leads on p1 (objects)
+    subsets = breakdowns[breakdowns.index("per prompt subset"):]
+    assert "<td>objects</td><td>clip ↑</td><td>0.110 [0.100, 0.120]</td><td><strong>0.510 [" in subsets
+
+
+def test_grid_page_shows_the_prompts_where_methods_disagree_most_first(tmp_path):
+    scores, records, images = _three_methods(tmp_path)
+    write_report(tmp_path / "r", "t", scores, records, [], images, "stand-ins", METRIC_INFO,
+                 headline_metrics=["clip"])
+    grid_page = (tmp_path / "r" / "grids" / "toy.md").read_text()
+    assert grid_page.startswith("> **⚠ stand-ins**")
+    assert grid_page.index("(toy__p1.png)") < grid_page.index("(toy__p0.png)")
+    assert "clip range over methods: 0.400" in grid_page and "[Back to the report](../README.md)" in grid_page
+
+
+def test_quality_against_compute_puts_best_of_n_on_the_curve_of_spending_compute_on_seeds(tmp_path, monkeypatch):
+    from evalkit.reporting import render
+
+    drawn = {}
+    monkeypatch.setattr(render, "compute_plot", lambda path, seconds, panels, colours, seed_spending: drawn.update(
+        seconds=seconds, panels=panels, seed_spending=seed_spending))
+    scores, records, images = _three_methods(tmp_path)
+    write_report(tmp_path / "r", "t", scores, records, [], images, None, METRIC_INFO, headline_metrics=["clip"])
+    assert drawn["seconds"]["best_of_n"].mean == pytest.approx(4.05)
+    assert drawn["seed_spending"] == [["vanilla", "best_of_n"]]
+    assert [panel.title for panel in drawn["panels"]] == ["clip ↑"]
+    assert drawn["panels"][0].estimates["attend_and_excite"].mean == pytest.approx(0.415)
+
+
+def test_narrow_intervals_print_with_enough_decimals_to_tell_their_ends_apart():
+    from evalkit.reporting.render import _interval
+
+    assert _interval(0.00047, 0.00044, 0.00050, "+") == "+0.000470 [+0.000440, +0.000500]"
+    assert _interval(0.5, 0.4, 0.6) == "0.500 [0.400, 0.600]"
+    assert _interval(443.9, 428.0, 459.4, "+", decimals=1) == "+443.9 [+428.0, +459.4]"
+
+
+def _manifests(dataset_source=None):
+    config = {"sampling": {"scheduler": "dpm_solver", "scheduler_options": {"final_sigmas_type": "sigma_min"},
+                           "num_inference_steps": 50, "guidance_scale": 7.5},
+              "batch_size": 10, "dataset": {"source_sha256": dataset_source}}
+    return [
+        {"stage": "generate", "model_source": "stabilityai/stable-diffusion-2-base", "seeds": list(range(10)),
+         "model": "sd2_base", "variant": VANILLA, "dataset": "coco", "config": config},
+        {"stage": "score", "scorer_key": "owlv2", "scorer": "owlv2", "config": {"name": "owlv2", "hub_id": "google/owlv2-base-patch16-ensemble",
+                                      "threshold": 0.1, "tiny": False}},
+    ]
+
+
+def test_protocol_beside_the_papers_flags_every_difference():
+    from evalkit.reporting.protocol import DIFFERS, NOT_PUBLISHED, SAME, compare_protocol
+
+    protocol = {
+        "source": "the paper",
+        "model": {"paper": "stabilityai/stable-diffusion-2-base"},
+        "scheduler": {"paper": "dpm_solver, final_sigmas_type=sigma_min", "note": "diffusers 0.23"},
+        "steps": {"paper": 50}, "guidance": {"paper": 5.0, "note": "section 4"},
+        "images_per_prompt": {"paper": 10}, "seeds": {"paper": None, "note": "not given"},
+        "timing_batch": {"paper": 1}, "detection_threshold": {"paper": 0.3},
+        "prompt_set_source_sha256": {"paper": {"coco": "ab12"}},
+    }
+    rows = {row.label: row for row in compare_protocol(protocol, _manifests(dataset_source="ab12"))}
+    assert [rows[label].status for label in ("model", "scheduler (with options)", "denoising steps",
+                                             "images per prompt", "sha256 of the prompt set's source file")] == [SAME] * 5
+    assert rows["guidance scale"].status == DIFFERS and rows["guidance scale"].ours == "7.5"
+    assert rows["guidance scale"].note == "section 4"
+    assert rows["seeds"].status == NOT_PUBLISHED and rows["seeds"].ours == "0-9 (one CPU generator per image)"
+    assert rows["images per sampling call when timed"].status == DIFFERS  # ours 10, the paper's 1
+    assert rows["detection threshold"].ours == "0.1" and rows["detection threshold"].status == DIFFERS
+    other_source = {row.label: row for row in compare_protocol(protocol, _manifests(dataset_source="cd34"))}
+    assert other_source["sha256 of the prompt set's source file"].status == DIFFERS
+
+
+def test_the_report_prints_the_protocol_and_points_to_it_from_the_headline(tmp_path):
+    scores, records, images = _three_methods(tmp_path)
+    paper = PaperTable("A paper", None, "no cells", {"guidance": {"paper": 5.0, "note": "section 4"}})
+    write_report(tmp_path / "r", "t", scores, records, _manifests(), images, None, METRIC_INFO, paper)
+    readme = (tmp_path / "r" / "README.md").read_text()
+    assert "Our protocol differs from the paper's in 1 of 1 items (guidance scale)" in readme
+    assert "| guidance scale | 7.5 | 5.0 | **⚠ differs** | section 4 |" in readme
+
+
+@pytest.mark.parametrize("protocol, message", [
+    ({"stepz": {"paper": 50}}, "unknown item 'stepz'"),
+    ({"steps": 50}, "paper_table.protocol.steps: write it as {paper: <value or null>, note: <text>}"),
+    ({"prompt_set_source_sha256": {"paper": "ab12"}}, "paper must map our dataset names"),
+])
+def test_a_protocol_the_report_cannot_compare_is_a_one_line_error(protocol, message):
+    from evalkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        PaperTable("A paper", None, "no cells", protocol)

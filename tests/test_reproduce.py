@@ -50,6 +50,16 @@ def test_reproduce_target_runs_on_the_tiny_models(target, tmp_path, synthetic_co
     assert "every number in this report means" in readme  # the stand-in notice
     assert "## Published values" in readme
     assert "## Missing" not in readme  # every method the experiment lists, stand-ins included, was generated and scored
+    # the paper's protocol beside ours, each difference flagged: the stand-in model is one
+    assert "## Protocol: ours beside the paper's" in readme
+    assert "| model | tiny (random weights, built offline) |" in readme
+    if target == "reproduce-conform-ae":  # our copy of the paper publishes no protocol: nothing to differ from
+        assert "| model | tiny (random weights, built offline) | not published | not published |" in readme
+    else:
+        assert "| **⚠ differs** |" in readme
+    if target.startswith("reproduce-ar"):  # AR's DPM-Solver as its diffusers 0.23.1 ran it
+        assert ("| scheduler (with options) | dpm_solver, final_sigmas_type=sigma_min | "
+                "dpm_solver, final_sigmas_type=sigma_min | same |") in readme
     if target == "reproduce-ar-table1":
         # the paper's cells beside ours; ours are on the tiny model, so no inside/outside verdict
         assert "| densediffusion_coco | attention_regulation | clip_full | 0.337 |" in readme
@@ -58,5 +68,8 @@ def test_reproduce_target_runs_on_the_tiny_models(target, tmp_path, synthetic_co
         assert "| overhead | 48.8% |" in readme
     else:
         assert "not available" in readme
+    if target == "reproduce-sepen-eval":  # Detic at 0.3 in the released evaluation, ours OWLv2
+        assert "| detection threshold | 0.1 | 0.3 | **⚠ differs** |" in readme
+        assert "| sha256 of the prompt set's source file | sepen_large_test: e43159cf" in readme
     if target.startswith("reproduce-sepen"):  # the report says how our finetune differs from the released code
         assert "## Notes on methods" in readme and "true token positions" in readme

@@ -11,15 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from evalkit.sampling.diagnostics import soft_overlap
 from evalkit.sampling.smoothing import smooth
 
 
 def separate_loss(maps_a: torch.Tensor, maps_b: torch.Tensor) -> torch.Tensor:
     """max of A*B/(A+B) over heads and positions: large where both concepts attend to the same place. For
     multi-piece words, every piece of one concept is paired with every piece of the other."""
-    a = maps_a[:, None]
-    b = maps_b[None, :]
-    return (a * b / (a + b)).max()
+    return soft_overlap(maps_a[:, None], maps_b[None, :]).max()
 
 
 def enhance_loss(maps_a: torch.Tensor, maps_b: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,6 @@ from typing import Any, Callable, Mapping
 import torch
 from diffusers import DDPMScheduler
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from evalkit.errors import ConfigError
 from evalkit.finetune.checkpoint import (
@@ -56,6 +55,7 @@ from evalkit.finetune.checkpoint import (
     save_checkpoint,
     save_train_state,
 )
+from evalkit.finetune.loop import LOG_NAME, optimizer_step, run_steps, step_generator
 from evalkit.finetune.losses import enhance_loss, norm_loss, separate_loss
 from evalkit.models.loading import load_pipeline, resolve_device
 from evalkit.prompts import TokenIndexer
@@ -64,6 +64,18 @@ from evalkit.sampling.smoothing import gaussian_kernel
 from evalkit.stages import project_path
 
 log = logging.getLogger("evalkit")
+
+
+def recipe_from_config(cls, config: Mapping[str, Any], where: str):
+    """The dataclass `cls` from a config's settings; ConfigError naming `where` for an unknown or missing one."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(config) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
+    try:
+        return cls(**config)
+    except TypeError as error:
+        raise ConfigError(f"{where}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -99,15 +111,7 @@ class Recipe:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "Recipe":
-        params = dict(config)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(params) - known
-        if unknown:
-            raise ConfigError(f"finetune {params.get('name')}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        try:
-            recipe = cls(**params)
-        except TypeError as error:
-            raise ConfigError(f"finetune {params.get('name')}: {error}") from None
+        recipe = recipe_from_config(cls, config, f"finetune {config.get('name')}")
         return dataclasses.replace(
             recipe,
             conjunctions=tuple(recipe.conjunctions),
@@ -161,11 +165,6 @@ def check_recipe(recipe: Recipe, indexer: TokenIndexer) -> list[str]:
             prompt = recipe.prompt_template.format(a=a, b=b, conjunction=conjunction)
             indexer.locate(f"{recipe.name}:{a}+{b}", prompt, [a, b])
     return pool
-
-
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    digest = hashlib.sha256(f"sepen/{seed}/{step}".encode()).digest()
-    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def _draw(generator: torch.Generator, count: int) -> int:
@@ -289,51 +288,28 @@ def finetune(cfg: DictConfig, on_step: Callable[[int, dict[str, float]], None] |
     kernel = gaussian_kernel(recipe.kernel_size, recipe.sigma).to(device)
     recorder = CrossAttentionRecorder(layers, recipe.attention_res)
     hooks = AttentionHooks(pipe.unet, layers, recorder).install()
-    log_path = out / "loss_log.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
-    _truncate_log(log_path, start)
+
+    def save(done: int) -> None:
+        save_train_state(out, trained, optimizer, identity, done, recipe.steps)
+        save_checkpoint(out, trained, identity, done, recipe.steps)
+
+    def train_step(step: int) -> dict[str, float]:
+        return _train_step(pipe, frozen_unet, recipe, pool, trained, optimizer, noise_scheduler, recorder, indexer, kernel, latent_size, step, device)
+
     pipe.unet.train()
     try:
-        with tqdm(total=recipe.steps, initial=start, desc=f"finetune {recipe.name}", unit="step") as progress, log_path.open("a") as log_file:
-            for step in range(start, recipe.steps):
-                losses = _train_step(pipe, frozen_unet, recipe, pool, trained, optimizer, noise_scheduler, recorder, indexer, kernel, latent_size, step, device)
-                done = step + 1
-                log_file.write(json.dumps({"step": done, **losses}) + "\n")
-                log_file.flush()
-                progress.set_postfix({k: f"{v:.4f}" for k, v in losses.items() if k != "lr"})
-                progress.update(1)
-                if done % recipe.checkpoint_every == 0 or done == recipe.steps:
-                    save_train_state(out, trained, optimizer, identity, done, recipe.steps)
-                    save_checkpoint(out, trained, identity, done, recipe.steps)
-                if on_step is not None:
-                    on_step(done, losses)
+        run_steps(f"finetune {recipe.name}", out, start, recipe.steps, recipe.checkpoint_every, train_step, save, on_step)
     finally:
         hooks.remove()
         pipe.unet.eval()
     if _frozen_fingerprint(frozen_modules, trained) != fingerprint:
         raise RuntimeError("a frozen weight changed during the finetune")
-    print(f"finetune {recipe.name} finished: {out / CHECKPOINT_NAME} (loss log {log_path})")
+    print(f"finetune {recipe.name} finished: {out / CHECKPOINT_NAME} (loss log {out / LOG_NAME})")
     return out / CHECKPOINT_NAME
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines of steps after the checkpoint a run resumes from (they will be redone)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def _optimizer_step(loss: torch.Tensor, trained: dict[str, torch.nn.Parameter], optimizer, max_grad_norm: float) -> None:
-    loss.backward()
-    # The released code clips over every attn2 parameter; only the key weights have gradients, so this is the same.
-    torch.nn.utils.clip_grad_norm_(list(trained.values()), max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def _train_step(pipe, frozen_unet, recipe, pool, trained, optimizer, noise_scheduler, recorder, indexer, kernel, latent_size, step, device) -> dict[str, float]:
-    generator = _step_generator(recipe.seed, step)
+    generator = step_generator("sepen", recipe.seed, step)
     pairs, conjunction = draw_pairs(recipe, pool, generator)
     prompts = [recipe.prompt_template.format(a=a, b=b, conjunction=conjunction) for a, b in pairs]
     concept_tokens = [tuple(indexer.locate(f"step {step}", prompt, [a, b])) for prompt, (a, b) in zip(prompts, pairs)]
@@ -341,7 +317,8 @@ def _train_step(pipe, frozen_unet, recipe, pool, trained, optimizer, noise_sched
     maps = recorder.record_per_head(pipe.unet, noisy, timesteps, _encode(pipe, prompts, device))
     separate, enhance = separate_and_enhance_losses(maps, concept_tokens, kernel)
     loss = recipe.lambda_sep * separate.mean() + recipe.lambda_en * enhance.mean()
-    _optimizer_step(loss, trained, optimizer, recipe.max_grad_norm)
+    # The released code clips over every attn2 parameter; only the key weights have gradients, so this is the same.
+    optimizer_step(loss, trained.values(), optimizer, recipe.max_grad_norm)
     losses = {"loss": loss.item(), "separate": separate.mean().item(), "enhance": enhance.mean().item()}
     if recipe.norm_weight:
         single = [recipe.norm_template.format(a=a) for a, _ in pairs]
@@ -350,7 +327,7 @@ def _train_step(pipe, frozen_unet, recipe, pool, trained, optimizer, noise_sched
         with torch.no_grad():
             target = frozen_unet(noisy, timesteps, encoder_hidden_states=embeds).sample
         norm = norm_loss(pipe.unet(noisy, timesteps, encoder_hidden_states=embeds).sample, target)
-        _optimizer_step(recipe.norm_weight * norm, trained, optimizer, recipe.max_grad_norm)
+        optimizer_step(recipe.norm_weight * norm, trained.values(), optimizer, recipe.max_grad_norm)
         losses["norm"] = norm.item()
     losses["lr"] = optimizer.param_groups[0]["lr"]
     return losses

@@ -1,7 +1,12 @@
-"""Load the diffusion pipeline a model config names: a hub checkpoint at a pinned revision, or a random-weight build."""
+"""Load the diffusion pipeline a model config names: a hub checkpoint at a pinned revision, a random-weight build,
+or a diffusers folder in the project (`kind: local`: the shapes-world model that `python -m evalkit train-world`
+makes)."""
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -14,6 +19,7 @@ from diffusers import (
 )
 
 from evalkit.errors import ConfigError, MissingWeightsError
+from evalkit.manifest import PROJECT_ROOT
 from evalkit.models.random_init import build_random_pipeline
 
 # The schedulers the papers ran; each is built from the checkpoint's own scheduler config.
@@ -84,14 +90,61 @@ def _load_hub_pipeline(model_cfg: Mapping[str, Any], dtype: torch.dtype) -> Stab
     )
 
 
-def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
+def local_weights(model_cfg: Mapping[str, Any]) -> Path:
+    """The folder of a `kind: local` model, or MissingWeightsError saying how to make it."""
+    path = Path(model_cfg["path"])
+    folder = path if path.is_absolute() else PROJECT_ROOT / path
+    if not (folder / "model_index.json").is_file():
+        raise MissingWeightsError(f"model {model_cfg['name']}: no weights in {folder}; make them with `{model_cfg['made_by']}`")
+    return folder
+
+
+def _load_local_pipeline(model_cfg: Mapping[str, Any], dtype: torch.dtype) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(
+        local_weights(model_cfg), dtype=dtype, use_safetensors=True, local_files_only=True,
+        safety_checker=None, requires_safety_checker=False,
+    )
+
+
+def model_revision(model_cfg: Mapping[str, Any]) -> str | None:
+    """What, beyond its name, identifies a model's weights (images depend on it): the hub revision, or for local
+    weights a hash of their files, so that images of retrained weights are not taken for the old ones'."""
+    if model_cfg.get("kind") != "local":
+        return model_cfg.get("revision")
+    folder = local_weights(model_cfg)
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def model_source(model_cfg: Mapping[str, Any]) -> str:
+    """Where a model's weights come from, for manifests."""
+    if model_cfg.get("kind") == "local":
+        return f"{model_cfg['path']} (local diffusers folder)"
+    return model_cfg.get("hub_id", "tiny (random weights, built offline)")
+
+
+def set_scheduler(pipe: StableDiffusionPipeline, name: str, options: Mapping[str, Any] | None = None) -> None:
+    """The scheduler `name`, built from the checkpoint's scheduler config with `options` overriding its arguments
+    (a paper's code on an older diffusers: `final_sigmas_type: sigma_min` is DPM-Solver as diffusers 0.23 ran it)."""
     if name not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)}")
-    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+    scheduler_class = SCHEDULERS[name]
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(inspect.signature(scheduler_class.__init__).parameters) - {"self"})
+    if unknown:
+        raise ConfigError(f"scheduler {name}: unknown scheduler_options {unknown}; they must be arguments of "
+                          f"{scheduler_class.__name__}")
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **options)
 
 
-def load_pipeline(model_cfg: Mapping[str, Any], device: torch.device, scheduler: str | None = None) -> StableDiffusionPipeline:
-    """The pipeline for `model_cfg` on `device`, with `scheduler` (default: the model config's)."""
+def load_pipeline(
+    model_cfg: Mapping[str, Any], device: torch.device, scheduler: str | None = None,
+    scheduler_options: Mapping[str, Any] | None = None,
+) -> StableDiffusionPipeline:
+    """The pipeline for `model_cfg` on `device`, with `scheduler` (default: the model config's) and its options."""
     dtype = resolve_dtype(model_cfg, device)
     if model_cfg["kind"] == "random":
         pipe = build_random_pipeline(model_cfg)
@@ -99,9 +152,11 @@ def load_pipeline(model_cfg: Mapping[str, Any], device: torch.device, scheduler:
             pipe = pipe.to(dtype=dtype)
     elif model_cfg["kind"] == "hub":
         pipe = _load_hub_pipeline(model_cfg, dtype)
+    elif model_cfg["kind"] == "local":
+        pipe = _load_local_pipeline(model_cfg, dtype)
     else:
-        raise ConfigError(f"model {model_cfg['name']}: unknown kind {model_cfg['kind']!r} (hub or random)")
-    set_scheduler(pipe, scheduler or model_cfg["scheduler"])
+        raise ConfigError(f"model {model_cfg['name']}: unknown kind {model_cfg['kind']!r} (hub, random or local)")
+    set_scheduler(pipe, scheduler or model_cfg["scheduler"], scheduler_options)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -1,7 +1,13 @@
-"""Write an evaluation report: README.md and a self-contained index.html with result tables, a bar plot per metric,
-image grids per prompt and the run manifests.
+"""Write an evaluation report: README.md and a self-contained index.html, in the order a researcher reads it.
 
-Both documents are rendered from one list of sections, so they always show the same numbers.
+First the headline table (one row per method, the experiment's main metrics with intervals, the paper's values
+beside them, the best per column marked), then the image grids (per dataset, the prompts where the methods disagree
+most first; every prompt on a grid page of the dataset), the protocol beside the paper's, plots that show
+differences (paired differences from the baseline as a forest plot, quality against seconds per image), the paired
+differences, compute, the paper's cells one by one, and then the detail: breakdowns per subject, per TIFA element
+type and per subset in collapsible sections, failures, scorers, manifests.
+
+Both documents are rendered from one list of sections, so they always show the same numbers in the same order.
 """
 
 from __future__ import annotations
@@ -12,12 +18,10 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from evalkit.reporting.aggregate import (
@@ -30,22 +34,31 @@ from evalkit.reporting.aggregate import (
     summarize_sets,
 )
 from evalkit.reporting.completeness import Missing
+from evalkit.reporting.plots import Estimate, Panel, compute_plot, forest_plot
+from evalkit.reporting.protocol import DIFFERS, check_protocol, compare_protocol
 from evalkit.store import atomic_write_bytes
 
 PEAK_MEMORY_METRIC = "peak_memory_mb"
 # Compute metrics get their own table; the quality tables and paired differences leave them out.
 COMPUTE_METRICS = (SECONDS_METRIC, PEAK_MEMORY_METRIC)
+OVERHEAD_METRIC = "overhead"  # (T - T0) / T0 against the baseline: a headline column and a paper's cell
+# Methods that spend their extra compute on seeds of plain sampling; with the baseline they draw the curve on the
+# quality-against-compute plot that a method must beat at its seconds per image.
+SEED_SPENDING_METHODS = ("best_of_n",)
 GRID_CELL_PX = 192
+GRIDS_INLINE = 4  # grids per dataset on the main page; the dataset's grid page has every prompt
 MISSING = "–"
 
 _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
 .notice { border: 3px solid #c0392b; background: #fdecea; padding: 1em; font-size: 1.2em; font-weight: bold; }
-table { border-collapse: collapse; margin: 1em 0; }
-th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: left; }
+table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }
+th, td { border: 1px solid #ccc; padding: .3em .5em; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; }
-figure { display: inline-block; margin: .5em; vertical-align: top; }
-figure img { max-width: 100%; }
+details { margin: .6em 0; }
+summary { cursor: pointer; font-weight: 600; }
+figure { display: inline-block; margin: .5em; vertical-align: top; max-width: 100%; }
+figure img { max-width: 100%; height: auto; }
 figcaption { max-width: 40em; }
 pre { background: #f8f8f8; padding: 1em; overflow: auto; }
 """
@@ -55,6 +68,7 @@ pre { background: #f8f8f8; padding: 1em; overflow: auto; }
 class Table:
     headers: list[str]
     rows: list[list[str]]
+    bold: frozenset[tuple[int, int]] = frozenset()  # (row, column) cells shown in bold
 
 
 @dataclasses.dataclass
@@ -70,18 +84,35 @@ class JsonBlock:
 
 @dataclasses.dataclass
 class Picture:
-    path: str  # relative to the report folder
+    path: str  # relative to the document that shows it
     caption: str
 
 
 @dataclasses.dataclass
 class Gallery:
-    """Shown as images in HTML, linked in Markdown."""
+    """Shown as images in both documents."""
 
     pictures: list[Picture]
 
 
-Block = Table | Paragraph | JsonBlock | Gallery
+@dataclasses.dataclass
+class Link:
+    """A link to another page of the report: its HTML version from index.html, its Markdown one from README.md."""
+
+    text: str
+    html_path: str
+    markdown_path: str
+
+
+@dataclasses.dataclass
+class Details:
+    """Collapsed until opened: breakdowns a reader asks for, not the first thing they see."""
+
+    summary: str
+    blocks: list["Block"]
+
+
+Block = Table | Paragraph | JsonBlock | Gallery | Link | Details
 
 
 @dataclasses.dataclass
@@ -99,10 +130,12 @@ class VariantLabels:
         variants_per_method = variants.groupby("method")["variant"].nunique()
         several_models = variants["model"].nunique() > 1
         self._labels: dict[tuple[str, str], str] = {}
+        self._methods: dict[tuple[str, str], str] = {}
         self._sort_keys: dict[tuple[str, str], tuple] = {}
         for model, method, variant in variants.itertuples(index=False):
             label = variant if variants_per_method[method] > 1 else method
             self._labels[(model, variant)] = f"{label} ({model})" if several_models else label
+            self._methods[(model, variant)] = method
             self._sort_keys[(model, variant)] = (model, method != baseline_method, label)
 
     def knows(self, model: str, variant: str) -> bool:
@@ -110,6 +143,9 @@ class VariantLabels:
 
     def label(self, model: str, variant: str) -> str:
         return self._labels[(model, variant)]
+
+    def method(self, model: str, variant: str) -> str:
+        return self._methods[(model, variant)]
 
     def ordered(self, keys: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
         return sorted(set(keys), key=self._sort_keys.__getitem__)
@@ -125,20 +161,6 @@ def _metric_labels(summary: pd.DataFrame) -> dict[tuple[str, str], str]:
     }
 
 
-def _arrow(metric: str, metric_info: dict[str, bool]) -> str:
-    # A metric family ("detection/<subject>") is listed once, as "detection/".
-    higher_is_better = metric_info.get(metric, metric_info.get(metric.split("/")[0] + "/"))
-    if higher_is_better is None:
-        return ""
-    return " ↑" if higher_is_better else " ↓"
-
-
-def _interval(mean: float, low: float, high: float, number_format: str = ".3f") -> str:
-    if np.isnan(mean):
-        return MISSING
-    return f"{mean:{number_format}} [{low:{number_format}}, {high:{number_format}}]"
-
-
 def _file_stem(name: str, used: set[str]) -> str:
     """A file-system and URL safe stem for `name`, distinct from those already in `used`."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "unnamed"
@@ -150,42 +172,444 @@ def _file_stem(name: str, used: set[str]) -> str:
     return candidate
 
 
-def _results_sections(
-    quality: pd.DataFrame, labels: VariantLabels, metric_labels: dict, metric_info: dict[str, bool]
-) -> list[Section]:
+@dataclasses.dataclass
+class PaperTable:
+    """The published table an experiment reproduces: its name, and its cells (`reports/references/*.csv` rows:
+    model, dataset, method, metric, value, paper_text, source), or why they are not available; and the paper's
+    protocol item by item (evalkit/reporting/protocol.py), compared with ours."""
+
+    title: str
+    cells: pd.DataFrame | None
+    not_available: str | None = None
+    protocol: Mapping[str, Any] | None = None
+
+    def __post_init__(self):
+        if self.protocol is not None:
+            check_protocol(self.protocol)
+
+
+@dataclasses.dataclass
+class _Numbers:
+    """What the sections read, aggregated once: per (model, dataset, variant, metric, scorer) an Estimate (the
+    overhead as a fraction, under OVERHEAD_METRIC with scorer None), the paired differences, and how to name and
+    judge a metric."""
+
+    per_image: pd.DataFrame  # score rows with a prompt_id
+    summary: pd.DataFrame  # summarize() and summarize_sets() rows, compute metrics included
+    overhead: pd.DataFrame
+    differences: pd.DataFrame  # paired differences of quality metrics
+    labels: VariantLabels
+    metric_labels: dict[tuple[str, str], str]
+    metric_info: dict[str, bool]
+    baseline: str
+    headline: list[str]
+
+    def __post_init__(self):
+        self.estimates: dict[tuple, Estimate] = {
+            (row.model, row.dataset, row.variant, row.metric, row.scorer): Estimate(row.mean, row.ci_low, row.ci_high)
+            for row in self.summary.itertuples()
+        }
+        for row in self.overhead.itertuples():
+            key = (row.model, row.dataset, row.variant, OVERHEAD_METRIC, None)
+            self.estimates[key] = Estimate(row.overhead, row.ci_low, row.ci_high)
+        self.difference_estimates: dict[tuple, Estimate] = {
+            (row.model, row.dataset, row.variant, row.metric, row.scorer):
+                Estimate(row.mean_difference, row.ci_low, row.ci_high)
+            for row in self.differences.itertuples()
+        }
+
+    def datasets(self) -> list[str]:
+        return sorted(set(self.summary["dataset"]))
+
+    def variants(self, dataset: str, frame: pd.DataFrame | None = None) -> list[tuple[str, str]]:
+        """The (model, variant) keys with rows on `dataset` in `frame` (default: the summary), baseline first."""
+        frame = self.summary if frame is None else frame
+        rows = frame[frame["dataset"] == dataset]
+        return self.labels.ordered(zip(rows["model"], rows["variant"]))
+
+    def higher_is_better(self, metric: str) -> bool | None:
+        if metric == OVERHEAD_METRIC:
+            return False
+        # A metric family ("detection/<subject>") is listed once, as "detection/".
+        return self.metric_info.get(metric, self.metric_info.get(metric.split("/")[0] + "/"))
+
+    def relative_to_baseline(self, metric: str) -> bool:
+        """Measured against the baseline's own images or time: the baseline has no value of its own to compare."""
+        return metric == OVERHEAD_METRIC or metric.endswith(f"_vs_{self.baseline}")
+
+    def column_label(self, metric: str, scorer: str | None) -> str:
+        if metric == OVERHEAD_METRIC:
+            return f"overhead % vs {self.baseline}" + _arrow(False)
+        return self.metric_labels.get((metric, scorer), metric) + _arrow(self.higher_is_better(metric))
+
+    def headline_columns(self, dataset: str) -> list[tuple[str, str | None]]:
+        """The headline's (metric, scorer) columns on `dataset` in the configured order: a column per scorer that
+        gives the metric, or one with scorer None (the overhead, or a metric nothing has scored yet)."""
+        rows = self.summary[self.summary["dataset"] == dataset]
+        columns: list[tuple[str, str | None]] = []
+        for metric in self.headline:
+            scorers = sorted(set(rows.loc[rows["metric"] == metric, "scorer"]))
+            columns += [(metric, scorer) for scorer in scorers] or [(metric, None)]
+        return columns
+
+    def headline_quality_columns(self, dataset: str) -> list[tuple[str, str]]:
+        """The headline's scored quality metrics (no compute metric, no overhead) on `dataset`."""
+        return [(metric, scorer) for metric, scorer in self.headline_columns(dataset)
+                if scorer is not None and metric not in COMPUTE_METRICS]
+
+
+def _arrow(higher_is_better: bool | None) -> str:
+    return {True: " ↑", False: " ↓", None: ""}[higher_is_better]
+
+
+def _interval(mean: float, low: float, high: float, sign: str = "", decimals: int = 3) -> str:
+    """mean [low, high] with `decimals` decimals, more where the interval is too narrow for them to print its ends
+    apart (differences of LPIPS are often 1e-4); `sign` "+" prints the sign of a difference."""
+    if np.isnan(mean):
+        return MISSING
+    width = high - low
+    if width > 0:
+        decimals = int(min(6, max(decimals, 1 - np.floor(np.log10(width)))))
+    number_format = f"{sign}.{decimals}f"
+    return f"{mean:{number_format}} [{low:{number_format}}, {high:{number_format}}]"
+
+
+def _estimate_text(estimate: Estimate | None, metric: str, sign: str = "") -> str:
+    """Mean [interval] (`sign` "+": of a difference); the overhead in percent; a set-level value (no interval)
+    alone."""
+    if estimate is None or np.isnan(estimate.mean):
+        return MISSING
+    if metric == OVERHEAD_METRIC:
+        return _interval(100 * estimate.mean, 100 * estimate.low, 100 * estimate.high, "+", decimals=1)
+    if np.isnan(estimate.low):
+        return f"{estimate.mean:{sign}.3f}"
+    return _interval(estimate.mean, estimate.low, estimate.high, sign)
+
+
+def _best_marks(numbers: _Numbers, metric: str, variants: Sequence[tuple[str, str]],
+                estimates: Sequence[Estimate | None]) -> set[int]:
+    """The indices of the best means of `estimates` (one per variant; all of them on a tie), none where the metric's
+    direction is unknown; a metric measured against the baseline is compared among the other variants."""
+    higher_is_better = numbers.higher_is_better(metric)
+    means = {
+        index: estimate.mean for index, (estimate, key) in enumerate(zip(estimates, variants))
+        if estimate is not None and np.isfinite(estimate.mean)
+        and not (numbers.relative_to_baseline(metric) and numbers.labels.method(*key) == numbers.baseline)
+    }
+    if higher_is_better is None or not means:
+        return set()
+    best = max(means.values()) if higher_is_better else min(means.values())
+    return {index for index, mean in means.items() if mean == best}
+
+
+def _paper_values(paper: PaperTable | None) -> dict[tuple, str]:
+    """(dataset or None, method, metric) -> the paper's printed value; None: the cell holds for every dataset."""
+    if paper is None or paper.cells is None:
+        return {}
+    return {
+        (None if pd.isna(row.dataset) else row.dataset, row.method, row.metric): str(row.paper_text)
+        for row in paper.cells.itertuples()
+    }
+
+
+def _headline_sections(numbers: _Numbers, paper: PaperTable | None, protocol_note: str | None) -> list[Section]:
+    """Per dataset: one row per method, the headline metrics with intervals, the paper's value beside each where it
+    publishes one, and the best of each column in bold."""
+    published = _paper_values(paper)
     sections = []
-    for dataset, rows in quality.groupby("dataset", sort=True):
-        columns = sorted({(row.metric, row.scorer) for row in rows.itertuples()}, key=metric_labels.__getitem__)
-        cells = {(row.model, row.variant, row.metric, row.scorer): row for row in rows.itertuples()}
-        table_rows = []
-        for model, variant in labels.ordered(zip(rows["model"], rows["variant"])):
-            row_cells = [labels.label(model, variant)]
-            for metric, scorer in columns:
-                cell = cells.get((model, variant, metric, scorer))
-                row_cells.append(MISSING if cell is None else _interval(cell.mean, cell.ci_low, cell.ci_high))
-            table_rows.append(row_cells)
-        headers = ["variant", *(metric_labels[column] + _arrow(column[0], metric_info) for column in columns)]
-        sections.append(Section(f"Results: {dataset}", [Table(headers, table_rows)]))
+    for dataset in numbers.datasets():
+        variants = numbers.variants(dataset)
+        headers, cells_by_column, bold = ["method"], [[numbers.labels.label(*key) for key in variants]], set()
+        for metric, scorer in numbers.headline_columns(dataset):
+            estimates = [numbers.estimates.get((model, dataset, variant, metric, scorer)) for model, variant in variants]
+            bold |= {(index, len(headers)) for index in _best_marks(numbers, metric, variants, estimates)}
+            headers.append(numbers.column_label(metric, scorer))
+            cells_by_column.append([_estimate_text(estimate, metric) for estimate in estimates])
+            paper_cells = [
+                published.get((dataset, method, metric), published.get((None, method, metric), MISSING))
+                for method in (numbers.labels.method(*key) for key in variants)
+            ]
+            if any(cell != MISSING for cell in paper_cells):
+                headers.append(f"{metric} in the paper")
+                cells_by_column.append(paper_cells)
+        rows = [list(row) for row in zip(*cells_by_column)]
+        sections.append(Section(f"Results: {dataset}", [Table(headers, rows, frozenset(bold))]))
     if sections:
-        legend = "Cells: mean [low, high], the 95% bootstrap interval over images. ↑ higher is better, ↓ lower is better."
+        legend = (
+            "Cells: mean [low, high], the 95% bootstrap interval over images; a set-level metric (FID) has one value "
+            "per set and no interval. ↑ higher is better, ↓ lower is better; bold: the best mean of its column (for "
+            f"a metric measured against {numbers.baseline}, among the other methods). The breakdowns, paired "
+            "differences and plots below hold the detail."
+        )
+        if published:
+            legend += f" 'in the paper': {paper.title}, as printed."
         sections[0].blocks.insert(0, Paragraph(legend))
+        if protocol_note:
+            sections[-1].blocks.append(Paragraph(protocol_note))
     return sections
 
 
-def _set_level_section(
-    set_summary: pd.DataFrame, labels: VariantLabels, metric_labels: dict, metric_info: dict[str, bool]
+def _disagreement(per_image: pd.DataFrame, dataset: str, metric: str) -> pd.Series:
+    """Per prompt: the range (max - min) over variants of the prompt's mean `metric`."""
+    rows = per_image[(per_image["dataset"] == dataset) & (per_image["metric"] == metric)]
+    means = rows.groupby(["prompt_id", "model", "variant"])["value"].mean()
+    return means.groupby(level="prompt_id").agg(lambda values: values.max() - values.min())
+
+
+def _grid_page(out_dir: Path, stem: str, title: str, notice: str | None, sections: list[Section]) -> Link:
+    """Writes grids/<stem>.html and .md (pictures relative to grids/) and returns the link to them."""
+    atomic_write_bytes(out_dir / "grids" / f"{stem}.md", _markdown(title, notice, sections).encode("utf-8"))
+    atomic_write_bytes(out_dir / "grids" / f"{stem}.html", _html(title, notice, sections).encode("utf-8"))
+    return Link(title, f"grids/{stem}.html", f"grids/{stem}.md")
+
+
+def _grids_section(
+    out_dir: Path, numbers: _Numbers, image_paths: pd.DataFrame, records: pd.DataFrame, title: str,
+    notice: str | None, max_grids: int,
 ) -> Section | None:
+    """Per dataset, the prompts where the methods disagree most on the first headline metric, first: the top
+    GRIDS_INLINE grids here, up to `max_grids` on the dataset's grid page."""
+    if image_paths.empty:
+        return None
+    (out_dir / "grids").mkdir(exist_ok=True)
+    prompts = records.drop_duplicates(["dataset", "prompt_id"]).set_index(["dataset", "prompt_id"])["prompt"]
+    used_stems: set[str] = set()
+    blocks: list[Block] = []
+    for dataset, images in image_paths.groupby("dataset", sort=True):
+        ranked_by = next((metric for metric, _ in numbers.headline_quality_columns(dataset)
+                          if metric in set(numbers.per_image.loc[numbers.per_image["dataset"] == dataset, "metric"])),
+                         None)
+        spread = _disagreement(numbers.per_image, dataset, ranked_by) if ranked_by else pd.Series(dtype=float)
+        prompt_ids = sorted(set(images["prompt_id"]),
+                            key=lambda prompt_id: (-spread.get(prompt_id, -np.inf), prompt_id))
+        pictures = []
+        for prompt_id in prompt_ids[:max_grids]:
+            stem = _file_stem(f"{dataset}__{prompt_id}", used_stems)
+            _draw_grid(out_dir / "grids" / f"{stem}.png", images[images["prompt_id"] == prompt_id], numbers.labels)
+            caption = f"{dataset} / {prompt_id}: {prompts.get((dataset, prompt_id), '')}"
+            if prompt_id in spread.index:
+                caption += f" ({ranked_by} range over methods: {spread[prompt_id]:.3f})"
+            pictures.append(Picture(f"{stem}.png", caption))
+        order = (f"Prompts in order of how much the methods disagree: the range (max - min) over methods of the "
+                 f"prompt's mean {ranked_by}, largest first." if ranked_by else "Prompts in the order of their ids.")
+        shown = f" Showing {len(pictures)} of {len(prompt_ids)} prompts." if len(prompt_ids) > len(pictures) else ""
+        page_title = f"{title}: image grids, {dataset}"
+        link = _grid_page(out_dir, _file_stem(dataset, used_stems), page_title, notice, [
+            Section(f"Image grids: {dataset}", [Paragraph(order + shown), Gallery(pictures),
+                                                 Link("Back to the report", "../index.html", "../README.md")]),
+        ])
+        inline = [Picture(f"grids/{picture.path}", picture.caption) for picture in pictures[:GRIDS_INLINE]]
+        blocks += [
+            Paragraph(f"{dataset}: one row per seed, one column per method. {order} The first {len(inline)} of "
+                      f"{len(prompt_ids)} prompts:"),
+            Gallery(inline),
+            Link(f"All {len(pictures)} grids of {dataset}, in that order", link.html_path, link.markdown_path),
+        ]
+    return Section("Image grids", blocks)
+
+
+def _protocol_section(paper: PaperTable | None, manifests: list[dict]) -> tuple[Section | None, str | None]:
+    """Ours beside the paper's protocol, every difference flagged; and a one-line pointer for the headline."""
+    if paper is None or not paper.protocol:
+        return None, None
+    rows = compare_protocol(paper.protocol, manifests)
+    differing = [row for row in rows if row.status == DIFFERS]
+    table = Table(
+        ["item", "ours", "the paper (or its released code)", "compared", "where the paper says so, and why ours differs"],
+        [[row.label, row.ours, row.paper, row.status, row.note] for row in rows],
+        frozenset((index, 3) for index, row in enumerate(rows) if row.status == DIFFERS),
+    )
+    source = paper.protocol.get("source")
+    blocks: list[Block] = [Paragraph(f"{paper.title}. Source: {source}.")] if source else []
+    section = Section("Protocol: ours beside the paper's", [*blocks, table])
+    pointer = (f"Our protocol differs from the paper's in {len(differing)} of {len(rows)} items "
+               f"({', '.join(row.label for row in differing) or 'none'}): see 'Protocol: ours beside the paper's'.")
+    return section, pointer
+
+
+def _plots_section(out_dir: Path, numbers: _Numbers) -> Section | None:
+    """Per dataset: the forest plot of paired differences and the quality-against-compute plot."""
+    (out_dir / "plots").mkdir(exist_ok=True)
+    used_stems: set[str] = set()
+    pictures = []
+    for dataset in numbers.datasets():
+        columns = numbers.headline_quality_columns(dataset)
+        compared = numbers.variants(dataset, numbers.differences)
+        forest_panels = [
+            Panel(numbers.column_label(metric, scorer), numbers.higher_is_better(metric), {
+                numbers.labels.label(model, variant): numbers.difference_estimates[key]
+                for model, variant in compared
+                if (key := (model, dataset, variant, metric, scorer)) in numbers.difference_estimates
+            })
+            for metric, scorer in columns
+        ]
+        forest_panels = [panel for panel in forest_panels if panel.estimates]
+        if forest_panels:
+            path = f"plots/{_file_stem(f'{dataset}__paired_differences', used_stems)}.png"
+            rows = [numbers.labels.label(*key) for key in compared]
+            forest_plot(out_dir / path, rows, forest_panels, numbers.baseline)
+            pictures.append(Picture(path, (
+                f"{dataset}: each method's paired difference from {numbers.baseline} (same prompt and seed) with "
+                "its 95% interval, one panel per headline metric, each on its own scale. Green: the interval lies "
+                "wholly on the better side of zero; red: wholly on the worse side.")))
+        variants = numbers.variants(dataset)
+        seconds = {numbers.labels.label(model, variant): numbers.estimates[key] for model, variant in variants
+                   if (key := (model, dataset, variant, SECONDS_METRIC, _scorer_of(numbers, dataset, SECONDS_METRIC)))
+                   in numbers.estimates}
+        compute_panels = [
+            Panel(numbers.column_label(metric, scorer), numbers.higher_is_better(metric), {
+                numbers.labels.label(model, variant): numbers.estimates[key] for model, variant in variants
+                if (key := (model, dataset, variant, metric, scorer)) in numbers.estimates
+            })
+            for metric, scorer in columns
+        ]
+        compute_panels = [panel for panel in compute_panels if set(panel.estimates) & set(seconds)]
+        if seconds and compute_panels:
+            colours = {numbers.labels.label(*key): f"C{index % 10}" for index, key in enumerate(variants)}
+            seed_spending = [
+                [numbers.labels.label(model, variant) for model, variant in variants if model == curve_model
+                 and numbers.labels.method(model, variant) in (numbers.baseline, *SEED_SPENDING_METHODS)]
+                for curve_model in sorted({model for model, _ in variants})
+            ]
+            path = f"plots/{_file_stem(f'{dataset}__quality_vs_compute', used_stems)}.png"
+            compute_plot(out_dir / path, seconds, compute_panels, colours, seed_spending)
+            pictures.append(Picture(path, (
+                f"{dataset}: each method's headline metric against its mean seconds per image, both with 95% "
+                f"intervals. The dashed line joins {numbers.baseline} and the methods that spend their compute on "
+                f"more seeds ({', '.join(SEED_SPENDING_METHODS)}) where there are any: a method above it at the "
+                "same seconds per image uses its compute better.")))
+    return Section("Plots", [Gallery(pictures)]) if pictures else None
+
+
+def _scorer_of(numbers: _Numbers, dataset: str, metric: str) -> str | None:
+    """The scorer that gives `metric` on `dataset` (compute metrics have one: the overhead scorer)."""
+    rows = numbers.summary[(numbers.summary["dataset"] == dataset) & (numbers.summary["metric"] == metric)]
+    return rows["scorer"].iloc[0] if len(rows) else None
+
+
+def _method_by_metric_table(
+    numbers: _Numbers, dataset: str, metrics: Sequence[tuple[str, str]], variants: Sequence[tuple[str, str]],
+    estimates: Mapping[tuple, Estimate], mark, sign: str = "",
+) -> Table:
+    """Rows: metrics; columns: variants (their number stays small however many metrics a scorer breaks down into,
+    so the table fits the page). `mark(metric, row_estimates)` gives the column indices to show in bold; `sign`
+    "+" for differences."""
+    rows, bold = [], set()
+    for row_index, (metric, scorer) in enumerate(metrics):
+        row_estimates = [estimates.get((model, dataset, variant, metric, scorer)) for model, variant in variants]
+        rows.append([numbers.column_label(metric, scorer), *(_estimate_text(e, metric, sign) for e in row_estimates)])
+        bold |= {(row_index, column + 1) for column in mark(metric, row_estimates)}
+    return Table(["metric", *(numbers.labels.label(*key) for key in variants)], rows, frozenset(bold))
+
+
+def _excludes_zero(row_estimates: Sequence[Estimate | None]) -> set[int]:
+    return {index for index, e in enumerate(row_estimates) if e is not None and (e.low > 0 or e.high < 0)}
+
+
+def _paired_section(numbers: _Numbers) -> Section | None:
+    """Per dataset, a method x metric table of paired differences: the headline metrics, then every other one in a
+    collapsed table."""
+    if numbers.differences.empty:
+        return None
+    blocks: list[Block] = [Paragraph(
+        f"Mean of (method - {numbers.baseline}) over the same (prompt, seed) pairs, with a paired 95% bootstrap "
+        "interval; bold where the interval excludes zero.")]
+    for dataset in numbers.datasets():
+        variants = numbers.variants(dataset, numbers.differences)
+        if not variants:
+            continue
+        headline = [column for column in numbers.headline_quality_columns(dataset)
+                    if any((m, dataset, v, *column) in numbers.difference_estimates for m, v in variants)]
+        rows, bold = [], set()
+        for row_index, key in enumerate(variants):
+            estimates = [numbers.difference_estimates.get((key[0], dataset, key[1], *column)) for column in headline]
+            rows.append([numbers.labels.label(*key), *(_estimate_text(e, metric, "+")
+                                                        for e, (metric, _) in zip(estimates, headline))])
+            bold |= {(row_index, column + 1) for column in _excludes_zero(estimates)}
+        headers = ["method", *(numbers.column_label(*column) for column in headline)]
+        blocks += [Paragraph(f"{dataset}:"), Table(headers, rows, frozenset(bold))]
+        others = sorted({(row.metric, row.scorer) for row in numbers.differences.itertuples()
+                         if row.dataset == dataset} - set(headline), key=lambda column: numbers.column_label(*column))
+        if others:
+            blocks.append(Details(f"{dataset}: paired differences of the other {len(others)} metrics", [
+                _method_by_metric_table(numbers, dataset, others, variants, numbers.difference_estimates,
+                                        lambda metric, estimates: _excludes_zero(estimates), sign="+")]))
+    return Section(f"Paired differences vs {numbers.baseline}", blocks)
+
+
+def _subset_summary(numbers: _Numbers, records: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """summarize() of the headline per-image metrics on `dataset` per prompt subset (the `subset` of the records),
+    the subset in the dataset column."""
+    if "subset" not in records:
+        return pd.DataFrame()
+    subsets = records.loc[records["dataset"] == dataset, ["prompt_id", "subset"]].dropna().drop_duplicates("prompt_id")
+    metrics = {metric for metric, _ in numbers.headline_quality_columns(dataset)}
+    rows = numbers.per_image[(numbers.per_image["dataset"] == dataset) & numbers.per_image["metric"].isin(metrics)]
+    rows = rows.merge(subsets, on="prompt_id")
+    if rows["subset"].nunique() < 2:
+        return pd.DataFrame()
+    return summarize(rows.assign(dataset=rows["subset"]))
+
+
+def _breakdowns_section(numbers: _Numbers, records: pd.DataFrame) -> Section | None:
+    """Per dataset, collapsed: the metrics beside each headline metric from its scorer (per subject, per TIFA element
+    type, ...), the other metrics, and the headline metrics per prompt subset."""
+    blocks: list[Block] = []
+    for dataset in numbers.datasets():
+        variants = numbers.variants(dataset)
+
+        def best_of_row(metric: str, row_estimates: Sequence[Estimate | None]) -> set[int]:
+            return _best_marks(numbers, metric, variants, row_estimates)
+
+        quality = numbers.summary[(numbers.summary["dataset"] == dataset)
+                                  & ~numbers.summary["metric"].isin(COMPUTE_METRICS)]
+        headline = numbers.headline_quality_columns(dataset)
+        remaining = {(row.metric, row.scorer) for row in quality.itertuples()} - set(headline)
+        for metric, scorer in headline:
+            beside = sorted((column for column in remaining if column[1] == scorer), key=lambda c: c[0])
+            remaining -= set(beside)
+            if beside:
+                blocks.append(Details(
+                    f"{dataset}: {metric} in detail, {len(beside)} more metrics of its scorer "
+                    f"({', '.join(column[0] for column in beside[:3])}{', ...' if len(beside) > 3 else ''})",
+                    [_method_by_metric_table(numbers, dataset, beside, variants, numbers.estimates, best_of_row)]))
+        if remaining:
+            others = sorted(remaining, key=lambda column: numbers.column_label(*column))
+            blocks.append(Details(f"{dataset}: the other {len(others)} metrics", [
+                _method_by_metric_table(numbers, dataset, others, variants, numbers.estimates, best_of_row)]))
+        by_subset = _subset_summary(numbers, records, dataset)
+        if not by_subset.empty:
+            table_rows, bold = [], set()
+            for row_index, ((subset, metric, scorer), group) in enumerate(
+                    by_subset.groupby(["dataset", "metric", "scorer"], sort=True)):
+                cells = {(row.model, row.variant): Estimate(row.mean, row.ci_low, row.ci_high) for row in group.itertuples()}
+                row_estimates = [cells.get(key) for key in variants]
+                table_rows.append([subset, numbers.column_label(metric, scorer),
+                                   *(_estimate_text(e, metric) for e in row_estimates)])
+                bold |= {(row_index, column + 2) for column in best_of_row(metric, row_estimates)}
+            headers = ["subset", "metric", *(numbers.labels.label(*key) for key in variants)]
+            blocks.append(Details(f"{dataset}: the headline metrics per prompt subset",
+                                  [Table(headers, table_rows, frozenset(bold))]))
+    if not blocks:
+        return None
+    note = "Collapsed: open one to see it. Cells: mean [95% interval]; bold: the best mean of its row."
+    return Section("Breakdowns", [Paragraph(note), *blocks])
+
+
+def _set_level_section(set_summary: pd.DataFrame, numbers: _Numbers) -> Section | None:
     if set_summary.empty:
         return None
+    order = numbers.labels.ordered(zip(set_summary["model"], set_summary["variant"]))  # baseline first
     table_rows = [
         [
             row.dataset,
-            labels.label(row.model, row.variant),
-            metric_labels[(row.metric, row.scorer)] + _arrow(row.metric, metric_info),
+            numbers.labels.label(row.model, row.variant),
+            numbers.column_label(row.metric, row.scorer),
             MISSING if np.isnan(row.mean) else f"{row.mean:.3f}",
             str(row.n),
         ]
-        for row in set_summary.sort_values(["dataset", "model", "variant", "metric", "scorer"]).itertuples()
+        for row in sorted(set_summary.itertuples(),
+                          key=lambda row: (row.dataset, order.index((row.model, row.variant)), row.metric, row.scorer))
     ]
     note = (
         "One value per set: computed once over all images of a variant on a dataset, so there is no per-image "
@@ -240,7 +664,7 @@ def _compute_section(
                 MISSING
                 if variant_overhead is None
                 else _interval(
-                    100 * variant_overhead.overhead, 100 * variant_overhead.ci_low, 100 * variant_overhead.ci_high, "+.1f"
+                    100 * variant_overhead.overhead, 100 * variant_overhead.ci_low, 100 * variant_overhead.ci_high, "+", 1
                 ),
             ]
             if with_memory:
@@ -259,40 +683,6 @@ def _compute_section(
     )
     blocks = [Paragraph(note)] + ([Paragraph(f"Timing protocol: {timing_note}")] if timing_note else [])
     return Section("Compute overhead", [*blocks, Table(headers, table_rows)])
-
-
-def _paired_section(
-    differences: pd.DataFrame, labels: VariantLabels, metric_labels: dict, metric_info: dict[str, bool], baseline: str
-) -> Section | None:
-    differences = differences[~differences["metric"].isin(COMPUTE_METRICS)]
-    if differences.empty:
-        return None
-    table_rows = [
-        [
-            row.dataset,
-            labels.label(row.model, row.variant),
-            metric_labels[(row.metric, row.scorer)] + _arrow(row.metric, metric_info),
-            _interval(row.mean_difference, row.ci_low, row.ci_high, "+.3f"),
-            str(row.n_pairs),
-        ]
-        for row in differences.sort_values(["dataset", "model", "variant", "metric", "scorer"]).itertuples()
-    ]
-    note = f"Mean of (variant - {baseline}) over the same (prompt, seed) pairs, with a paired 95% bootstrap interval."
-    headers = ["dataset", "variant", "metric", f"difference vs {baseline} [95% CI]", "pairs"]
-    return Section(f"Paired difference vs {baseline}", [Paragraph(note), Table(headers, table_rows)])
-
-
-OVERHEAD_METRIC = "overhead"  # a paper's compute overhead, compared with `relative_overhead`
-
-
-@dataclasses.dataclass
-class PaperTable:
-    """The published table an experiment reproduces: its name, and its cells (`reports/references/*.csv` rows:
-    model, dataset, method, metric, value, paper_text, source), or why they are not available."""
-
-    title: str
-    cells: pd.DataFrame | None
-    not_available: str | None = None
 
 
 def _paper_section(paper: PaperTable, summary: pd.DataFrame, overhead: pd.DataFrame, labels: VariantLabels) -> Section:
@@ -317,7 +707,7 @@ def _paper_section(paper: PaperTable, summary: pd.DataFrame, overhead: pd.DataFr
     for row in compared.sort_values(["dataset", "method", "metric"]).itertuples():
         measured = pd.notna(row.variant) and pd.notna(row.mean)
         percent = str(row.paper_text).endswith("%")
-        scale, number_format = (100, ".1f") if percent else (1, ".3f")
+        scale, decimals = (100, 1) if percent else (1, 3)
         if not measured:
             inside = MISSING
         elif pd.isna(row.ci_low):
@@ -332,7 +722,7 @@ def _paper_section(paper: PaperTable, summary: pd.DataFrame, overhead: pd.DataFr
                 labels.label(row.model, row.variant) if measured else row.method,
                 row.metric,
                 str(row.paper_text),
-                _interval(scale * row.mean, scale * row.ci_low, scale * row.ci_high, number_format) if measured else MISSING,
+                _interval(scale * row.mean, scale * row.ci_low, scale * row.ci_high, decimals=decimals) if measured else MISSING,
                 inside,
             ]
         )
@@ -365,49 +755,6 @@ def _missing_section(missing: Sequence[Missing], labels: VariantLabels) -> Secti
     ]
     headers = ["variant", "model", "dataset", "stage", "images missing", "detail"]
     return Section("Missing", [Paragraph(note), Table(headers, table_rows)])
-
-
-def _plot_metric(path: Path, rows: pd.DataFrame, labels: VariantLabels, axis_label: str) -> None:
-    """Bar plot of the mean with its interval as error bars: one group per dataset, one bar per variant."""
-    datasets = sorted(rows["dataset"].unique())
-    variants = labels.ordered(zip(rows["model"], rows["variant"]))
-    by_bar = {(row.dataset, row.model, row.variant): row for row in rows.itertuples()}
-    bar_width = 0.8 / len(variants)
-    figure = Figure(figsize=(max(5.0, 1.5 + 0.4 * len(datasets) * len(variants)), 4.0), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    positions = np.arange(len(datasets))
-    for index, (model, variant) in enumerate(variants):
-        bars = [by_bar.get((dataset, model, variant)) for dataset in datasets]
-        means = np.array([np.nan if bar is None else bar.mean for bar in bars])
-        lows = np.array([np.nan if bar is None else bar.ci_low for bar in bars])
-        highs = np.array([np.nan if bar is None else bar.ci_high for bar in bars])
-        # Bars without an interval (NaN) get no error bar rather than a broken one.
-        errors = np.nan_to_num(np.clip([means - lows, highs - means], 0.0, None))
-        offset = (index - (len(variants) - 1) / 2) * bar_width
-        axes.bar(positions + offset, means, bar_width, yerr=errors, capsize=3, label=labels.label(model, variant))
-    axes.set_xticks(positions, datasets)
-    axes.set_ylabel(axis_label)
-    axes.legend(fontsize="small")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def _plots_section(
-    out_dir: Path, summary: pd.DataFrame, labels: VariantLabels, metric_labels: dict, metric_info: dict[str, bool]
-) -> Section | None:
-    if summary.empty:
-        return None
-    (out_dir / "plots").mkdir(exist_ok=True)
-    used_stems: set[str] = set()
-    grouped = summary.assign(metric_label=[metric_labels[pair] for pair in zip(summary["metric"], summary["scorer"])])
-    pictures = []
-    for metric_label, rows in grouped.groupby("metric_label", sort=True):
-        path = f"plots/{_file_stem(metric_label, used_stems)}.png"
-        _plot_metric(out_dir / path, rows, labels, metric_label + _arrow(rows["metric"].iloc[0], metric_info))
-        pictures.append(Picture(path, metric_label))
-    return Section("Plots", [Gallery(pictures)])
 
 
 def _truncated_text(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> str:
@@ -452,26 +799,6 @@ def _draw_grid(path: Path, images: pd.DataFrame, labels: VariantLabels) -> None:
     buffer = io.BytesIO()
     grid.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
-
-
-def _grids_section(
-    out_dir: Path, image_paths: pd.DataFrame, records: pd.DataFrame, labels: VariantLabels, max_grids: int
-) -> Section | None:
-    if image_paths.empty:
-        return None
-    (out_dir / "grids").mkdir(exist_ok=True)
-    prompts = records.drop_duplicates(["dataset", "prompt_id"]).set_index(["dataset", "prompt_id"])["prompt"]
-    prompt_groups = list(image_paths.groupby(["dataset", "prompt_id"], sort=True))
-    used_stems: set[str] = set()
-    pictures = []
-    for (dataset, prompt_id), images in prompt_groups[:max_grids]:
-        path = f"grids/{_file_stem(f'{dataset}__{prompt_id}', used_stems)}.png"
-        _draw_grid(out_dir / path, images, labels)
-        pictures.append(Picture(path, f"{dataset} / {prompt_id}: {prompts.get((dataset, prompt_id), '')}"))
-    blocks: list[Block] = [Gallery(pictures)]
-    if len(prompt_groups) > max_grids:
-        blocks.insert(0, Paragraph(f"Showing {max_grids} of {len(prompt_groups)} prompts."))
-    return Section("Image grids", blocks)
 
 
 def _method_notes_section(records: pd.DataFrame) -> Section | None:
@@ -519,10 +846,13 @@ def _markdown_block(block: Block) -> str:
     match block:
         case Paragraph(text):
             return _markdown_text(text)
-        case Table(headers, rows):
+        case Table(headers, rows, bold):
+            def cell(row: int, column: int, text: str) -> str:
+                return f"**{_markdown_text(text)}**" if (row, column) in bold else _markdown_text(text)
+
             lines = ["| " + " | ".join(_markdown_text(header) for header in headers) + " |"]
             lines.append("|" + "---|" * len(headers))
-            lines += ["| " + " | ".join(_markdown_text(cell) for cell in row) + " |" for row in rows]
+            lines += ["| " + " | ".join(cell(r, c, text) for c, text in enumerate(row)) + " |" for r, row in enumerate(rows)]
             return "\n".join(lines)
         case JsonBlock(summary, json_text):
             # A fence longer than any backtick run inside the JSON cannot be closed by it.
@@ -530,7 +860,13 @@ def _markdown_block(block: Block) -> str:
             fence = "`" * max(3, longest_run + 1)
             return f"**{_markdown_text(summary)}**\n\n{fence}json\n{json_text}\n{fence}"
         case Gallery(pictures):
-            return "\n".join(f"- [{_markdown_text(picture.caption)}]({picture.path})" for picture in pictures)
+            return "\n\n".join(f"![{_markdown_text(picture.caption)}]({picture.path})" for picture in pictures)
+        case Link(text, _, markdown_path):
+            return f"[{_markdown_text(text)}]({markdown_path})"
+        case Details(summary, blocks):
+            # GitHub renders Markdown inside <details> when blank lines set it apart from the tags.
+            inner = "\n\n".join(_markdown_block(inner_block) for inner_block in blocks)
+            return f"<details><summary>{html.escape(summary)}</summary>\n\n{inner}\n\n</details>"
 
 
 def _markdown(title: str, notice: str | None, sections: list[Section]) -> str:
@@ -549,9 +885,13 @@ def _html_block(block: Block) -> str:
     match block:
         case Paragraph(text):
             return f"<p>{escape(text)}</p>"
-        case Table(headers, rows):
+        case Table(headers, rows, bold):
+            def cell(row: int, column: int, text: str) -> str:
+                return f"<td><strong>{escape(text)}</strong></td>" if (row, column) in bold else f"<td>{escape(text)}</td>"
+
             head = "".join(f"<th>{escape(header)}</th>" for header in headers)
-            body = "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+            body = "".join("<tr>" + "".join(cell(r, c, text) for c, text in enumerate(row)) + "</tr>"
+                           for r, row in enumerate(rows))
             return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
         case JsonBlock(summary, json_text):
             return f"<details><summary>{escape(summary)}</summary><pre>{escape(json_text)}</pre></details>"
@@ -561,6 +901,11 @@ def _html_block(block: Block) -> str:
                 f'alt="{escape(picture.caption)}"></a><figcaption>{escape(picture.caption)}</figcaption></figure>'
                 for picture in pictures
             )
+        case Link(text, html_path, _):
+            return f'<p><a href="{escape(html_path)}">{escape(text)}</a></p>'
+        case Details(summary, blocks):
+            inner = "".join(_html_block(inner_block) for inner_block in blocks)
+            return f"<details><summary>{escape(summary)}</summary>{inner}</details>"
 
 
 def _html(title: str, notice: str | None, sections: list[Section]) -> str:
@@ -579,6 +924,11 @@ def _html(title: str, notice: str | None, sections: list[Section]) -> str:
     )
 
 
+def default_headline(metric_info: Mapping[str, bool]) -> list[str]:
+    """Every metric that is not one of a family ("detection/<subject>") or a compute metric."""
+    return [metric for metric in metric_info if not metric.endswith("/") and metric not in COMPUTE_METRICS]
+
+
 def write_report(
     out_dir: Path,
     title: str,
@@ -593,13 +943,16 @@ def write_report(
     max_grids: int = 50,
     missing: Sequence[Missing] = (),
     timing_note: str | None = None,
+    headline_metrics: Sequence[str] | None = None,
 ) -> Path:
-    """Write README.md, index.html, plots/<metric>.png and grids/<dataset>__<prompt_id>.png into `out_dir`.
+    """Write README.md, index.html, plots/*.png, and grids/<dataset>.{html,md} with grids/<dataset>__<prompt>.png
+    into `out_dir`.
 
-    `metric_info` maps a metric to whether higher is better; `records` needs a `prompt` column for grid captions.
-    `missing`: the work not done yet (evalkit/reporting/completeness.py); listed first when there is any.
-    `timing_note`: the experiment's word on how its times compare with the paper's (the batch they were taken at).
-    Returns the path of index.html.
+    `metric_info` maps a metric to whether higher is better; `records` needs a `prompt` column for grid captions
+    (and may have a `subset` column: the breakdown per prompt subset). `headline_metrics`: the metrics of the first
+    table, in order ("overhead" for the compute overhead; default: `default_headline`). `missing`: the work not
+    done yet (evalkit/reporting/completeness.py); listed first when there is any. `timing_note`: the experiment's
+    word on how its times compare with the paper's (the batch they were taken at). Returns the path of index.html.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -609,22 +962,29 @@ def write_report(
     present = [frame for frame in (summary, set_summary) if not frame.empty]
     all_summaries = pd.concat(present, ignore_index=True) if present else summary
     labels = VariantLabels([scores, records, image_paths], baseline_method)
-    metric_labels = _metric_labels(all_summaries)
-    quality = summary[~summary["metric"].isin(COMPUTE_METRICS)]
-    overhead = relative_overhead(per_image, baseline_method)
+    differences = paired_difference(per_image, baseline_method)
+    numbers = _Numbers(
+        per_image, all_summaries, relative_overhead(per_image, baseline_method),
+        differences[~differences["metric"].isin(COMPUTE_METRICS)], labels, _metric_labels(all_summaries),
+        metric_info, baseline_method, list(headline_metrics or default_headline(metric_info)),
+    )
+    protocol, protocol_note = _protocol_section(paper, manifests)
+    from evalkit.reporting.diagnostics import diagnostics_sections  # it builds on this module's blocks
+
     sections = [
         _missing_section(missing, labels),
-        *_results_sections(quality, labels, metric_labels, metric_info),
-        _set_level_section(set_summary, labels, metric_labels, metric_info),
-        _compute_section(summary, overhead, records, labels, timing_note),
-        _paired_section(
-            paired_difference(per_image, baseline_method), labels, metric_labels, metric_info, baseline_method
-        ),
-        None if paper is None else _paper_section(paper, all_summaries, overhead, labels),
+        *_headline_sections(numbers, paper, protocol_note),
+        _grids_section(out_dir, numbers, image_paths, records, title, notice, max_grids),
+        protocol,
+        _plots_section(out_dir, numbers),
+        _paired_section(numbers),
+        _compute_section(all_summaries, numbers.overhead, records, labels, timing_note),
+        None if paper is None else _paper_section(paper, all_summaries, numbers.overhead, labels),
+        _breakdowns_section(numbers, records),
+        *diagnostics_sections(out_dir, records, per_image, labels),
+        _set_level_section(set_summary, numbers),
         _failures_section(records, labels),
         _method_notes_section(records),
-        _plots_section(out_dir, all_summaries, labels, metric_labels, metric_info),
-        _grids_section(out_dir, image_paths, records, labels, max_grids),
         _scorers_section(all_summaries),
         _manifests_section(manifests),
     ]

@@ -4,6 +4,8 @@
 `Attention.get_attention_scores` does), so that a hook can edit the logits before the softmax and read or edit
 the probabilities after it. Only the layers a method needs get it, and only for the forwards its hook is `active`
 in; every other layer, and every other forward, keeps the layer's own processor (PyTorch's fused attention).
+An observer (the loop's attention diagnostics) reads probabilities without changing the forward: where no hook is
+active the layer's own processor gives the output and the probabilities are computed beside it.
 """
 
 from __future__ import annotations
@@ -29,56 +31,63 @@ class AttentionHook(Protocol):
     def edit_probs(self, layer: str, probs: torch.Tensor, is_cross: bool) -> torch.Tensor: ...
 
 
+class AttentionObserver(Protocol):
+    """What reads cross-attention without editing it (evalkit/sampling/diagnostics.py). While `active`, `observe`
+    gets each observed layer's probabilities of the last `samples` samples of the forward's batch, (samples * heads,
+    queries, keys), after any hook's edits."""
+
+    active: bool
+    samples: int
+
+    def observe(self, layer: str, probs: torch.Tensor) -> None: ...
+
+
 class ExplicitAttnProcessor:
-    def __init__(self, layer: str, hook: AttentionHook, own_processor):
+    """A layer's attention with a hook (may edit, or None) and an observer (reads only, or None)."""
+
+    def __init__(self, layer: str, hook: AttentionHook | None, own_processor, observer: AttentionObserver | None = None):
         self.layer = layer
         self.hook = hook
         self.own_processor = own_processor  # the layer's processor, for the forwards the hook is inactive in
+        self.observer = observer
+
+    @property
+    def hook_active(self) -> bool:
+        return self.hook is not None and self.hook.active
+
+    @property
+    def observing(self) -> bool:
+        return self.observer is not None and self.observer.active
+
+    @property
+    def runs_python(self) -> bool:
+        """Whether the coming forward needs this processor's Python (a CUDA graph replay would skip it)."""
+        return self.hook_active or self.observing
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        if not self.hook.active:
-            return self.own_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        observing = self.observing
+        if not self.hook_active:
+            output = self.own_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            if observing:
+                # The layer's output stays its own processor's (an observed forward computes what an unobserved one
+                # does, bit for bit); the observer gets the probabilities computed beside it, for its samples only.
+                samples = self.observer.samples
+                mask = None if attention_mask is None else attention_mask[-samples:]
+                probs = _attention_probs(attn, hidden_states[-samples:], encoder_hidden_states[-samples:], mask, temb)[0]
+                self.observer.observe(self.layer, probs)
+            return output
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
         input_ndim = hidden_states.ndim
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
         is_cross = encoder_hidden_states is not None
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        query = attn.head_to_batch_dim(query)
-        key = attn.head_to_batch_dim(key)
-        value = attn.head_to_batch_dim(value)
-
-        dtype = query.dtype
-        if attn.upcast_attention:
-            query, key = query.float(), key.float()
-        if attention_mask is None:
-            logits = torch.baddbmm(
-                torch.empty(query.shape[0], query.shape[1], key.shape[1], dtype=query.dtype, device=query.device),
-                query, key.transpose(-1, -2), beta=0, alpha=attn.scale,
-            )
-        else:
-            logits = torch.baddbmm(attention_mask, query, key.transpose(-1, -2), beta=1, alpha=attn.scale)
-        if attn.upcast_softmax:
-            logits = logits.float()
-        logits = self.hook.edit_logits(self.layer, logits, is_cross)
-        probs = logits.softmax(dim=-1).to(dtype)
+        probs, value = _attention_probs(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+            edit_logits=lambda logits: self.hook.edit_logits(self.layer, logits, is_cross),
+        )
         probs = self.hook.edit_probs(self.layer, probs, is_cross)
+        if observing:
+            self.observer.observe(self.layer, probs[-(probs.shape[0] // residual.shape[0]) * self.observer.samples :])
 
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -87,6 +96,49 @@ class ExplicitAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def _attention_probs(attn: Attention, hidden_states, encoder_hidden_states, attention_mask, temb, edit_logits=None):
+    """(probabilities, values), (batch * heads, queries, keys) and (batch * heads, keys, dim), as diffusers' plain
+    attention computes them, the logits passed through `edit_logits` before the softmax."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim == 4:
+        batch_size, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    batch_size, sequence_length, _ = (
+        hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+    )
+    attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    query = attn.head_to_batch_dim(query)
+    key = attn.head_to_batch_dim(key)
+    value = attn.head_to_batch_dim(value)
+
+    dtype = query.dtype
+    if attn.upcast_attention:
+        query, key = query.float(), key.float()
+    if attention_mask is None:
+        logits = torch.baddbmm(
+            torch.empty(query.shape[0], query.shape[1], key.shape[1], dtype=query.dtype, device=query.device),
+            query, key.transpose(-1, -2), beta=0, alpha=attn.scale,
+        )
+    else:
+        logits = torch.baddbmm(attention_mask, query, key.transpose(-1, -2), beta=1, alpha=attn.scale)
+    if attn.upcast_softmax:
+        logits = logits.float()
+    if edit_logits is not None:
+        logits = edit_logits(logits)
+    return logits.softmax(dim=-1).to(dtype), value
 
 
 _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^mid_block\.")
@@ -122,12 +174,16 @@ def layers_at_resolution(unet, latent_size: int, resolution: int, cross: bool = 
 
 
 class AttentionHooks:
-    """Installs one hook on some layers (`install`, then `remove`); the rest keep their processors."""
+    """Installs one hook, or one observer, on some layers (`install`, then `remove`); the rest keep their processors.
 
-    def __init__(self, unet, layers: Iterable[str], hook: AttentionHook):
+    An observer joins a layer's hook where a method installed one (installed after the method's hooks, removed
+    before them), so that it reads the probabilities the method's edits give."""
+
+    def __init__(self, unet, layers: Iterable[str], hook: AttentionHook | None = None, observer: AttentionObserver | None = None):
         self.unet = unet
         self.layers = list(layers)
         self.hook = hook
+        self.observer = observer
         self._saved: dict | None = None
 
     def install(self) -> "AttentionHooks":
@@ -135,7 +191,11 @@ class AttentionHooks:
         processors = dict(self._saved)
         for layer in self.layers:
             key = layer + ".processor"
-            processors[key] = ExplicitAttnProcessor(layer, self.hook, self._saved[key])
+            current = self._saved[key]
+            if self.observer is not None and isinstance(current, ExplicitAttnProcessor):
+                processors[key] = ExplicitAttnProcessor(layer, current.hook, current.own_processor, self.observer)
+            else:
+                processors[key] = ExplicitAttnProcessor(layer, self.hook, current, self.observer)
         self.unet.set_attn_processor(processors)
         return self
 

@@ -29,13 +29,27 @@ import torch
 from evalkit.errors import ConfigError
 from evalkit.sampling.attention import AttentionHooks, CrossAttentionRecorder, layers_at_resolution
 from evalkit.sampling.method import Method
-from evalkit.sampling.smoothing import gaussian_kernel
+from evalkit.sampling.smoothing import gaussian_kernel, smooth
 
 
 def softmax_over_text_tokens(attention_maps: torch.Tensor) -> torch.Tensor:
     """(..., res, res, 75): the softmax of 100 x maps over the tokens without SOT and the last position (EOT and
     padding stay in, as both references do for SD 1.x). Position p of the prompt is at p - 1."""
     return torch.softmax(100 * attention_maps[..., 1:-1], dim=-1)
+
+
+def token_maps(attention_maps: torch.Tensor, token_indices: list[int], kernel: torch.Tensor | None) -> torch.Tensor:
+    """Each token's map as Attend-and-Excite reads it, (..., tokens, res, res), from (..., res, res, 77) maps
+    averaged over heads and layers: softmax over the text tokens (`softmax_over_text_tokens`), then smoothed with
+    `kernel` (None: not smoothed). Token indices count SOT as 0, hence the -1 shift."""
+    text_attention = softmax_over_text_tokens(attention_maps)
+    maps = torch.stack([text_attention[..., index - 1] for index in token_indices], dim=-3)
+    return maps if kernel is None else smooth(maps, kernel)
+
+
+def subject_maxima(attention_maps: torch.Tensor, token_indices: list[int], kernel: torch.Tensor | None) -> torch.Tensor:
+    """The peak of each token's map (`token_maps`), (..., tokens): what Attend-and-Excite maximises."""
+    return token_maps(attention_maps, token_indices, kernel).amax(dim=(-2, -1))
 
 
 @dataclass

@@ -67,11 +67,11 @@ def _attention_modules(unet) -> list:
 
 def _attention_setup(unet) -> tuple | None:
     """What the plain forward's kernels depend on beyond the shapes: each layer's own processor type. None when a
-    hook is active in the coming forward (it must run eagerly)."""
+    hook or an attention observer is active in the coming forward (it must run eagerly)."""
     kinds = []
     for processor in (module.processor for module in _attention_modules(unet)):
         if isinstance(processor, ExplicitAttnProcessor):
-            if processor.hook.active:
+            if processor.runs_python:
                 return None
             processor = processor.own_processor
         kinds.append(type(processor))

@@ -7,6 +7,7 @@ one batch. With method `vanilla` it computes exactly what diffusers' `StableDiff
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -15,7 +16,9 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from evalkit.prompts import PromptSpec, TokenIndexer
+from evalkit.sampling.attention import AttentionHooks
 from evalkit.sampling.cuda_graphs import plain_forward
+from evalkit.sampling.diagnostics import AttentionDiagnostics
 from evalkit.sampling.method import Method
 
 
@@ -47,6 +50,7 @@ class DenoisingRun:
     # What a method says about this call that a reader of its timings must know (work it skipped, say).
     notes: list[str] = field(default_factory=list)
     cuda_graphs: bool = True  # replay the UNet's plain forwards as CUDA graphs on a GPU (evalkit/sampling/cuda_graphs.py)
+    diagnostics: AttentionDiagnostics | None = None  # reads the guided forwards' attention (evalkit/sampling/diagnostics.py)
 
     @property
     def unet(self):
@@ -73,13 +77,16 @@ class DenoisingRun:
         return plain_forward(self.unet, model_input, t, embeddings, self.cuda_graphs)
 
     def guided_noise(self, t, latents, cond: torch.Tensor | None = None, uncond: torch.Tensor | None = None) -> torch.Tensor:
-        """Classifier-free guidance: one UNet forward over [unconditional; conditional]."""
+        """Classifier-free guidance: one UNet forward over [unconditional; conditional]. With the prompt's own
+        conditional embeddings, the attention diagnostics (if any) read this forward."""
+        observed = self.diagnostics is not None and cond is None
         cond = self.cond_embeds if cond is None else cond
         uncond = self.uncond_embeds if uncond is None else uncond
-        if not self.do_guidance:
-            return self.noise(self.scheduler.scale_model_input(latents, t), t, cond)
-        model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)
-        noise = self.noise(model_input, t, torch.cat([uncond, cond]))
+        with self.diagnostics.forward() if observed else contextlib.nullcontext():
+            if not self.do_guidance:
+                return self.noise(self.scheduler.scale_model_input(latents, t), t, cond)
+            model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            noise = self.noise(model_input, t, torch.cat([uncond, cond]))
         noise_uncond, noise_cond = noise.chunk(2)
         return noise_uncond + self.settings.guidance_scale * (noise_cond - noise_uncond)
 
@@ -92,6 +99,10 @@ class SampleResult:
     peak_memory_bytes: int | None  # accelerator peak during the call; None on a CPU
     failed_step: list[int | None]  # per image: first loop index with NaN/inf latents, or None
     notes: list[str] = field(default_factory=list)  # the method's notes on this call (`DenoisingRun.notes`)
+    # Per image, its attention diagnostics (`AttentionDiagnostics.results`); None with the reason why there are none.
+    attention_diagnostics: list[dict] | None = None
+    attention_diagnostics_skipped: str | None = None
+    selection: list[dict] | None = None  # per image, how a selecting method (best_of_n) chose it among candidates
 
 
 def _synchronize(device: torch.device) -> None:
@@ -118,9 +129,11 @@ def sample(
     indexer: TokenIndexer | None = None,
     on_step=None,
     cuda_graphs: bool = True,
+    attention_diagnostics: int | None = None,
 ) -> SampleResult:
     """Generate one image per seed for `spec` with `method`. `on_step(i, t, latents)` sees each step's result;
-    `cuda_graphs=False` runs every UNet forward eagerly."""
+    `cuda_graphs=False` runs every UNet forward eagerly; `attention_diagnostics`: the resolution of the maps whose
+    diagnostics to record (None: none)."""
     device = pipe.unet.device
     indexer = indexer or TokenIndexer(pipe.tokenizer)
     method.check(spec, indexer)
@@ -143,9 +156,17 @@ def sample(
     )
     failed_at = torch.full((n,), -1, dtype=torch.long, device=device)
 
+    observation = None
     try:
         method.setup(run)
+        if attention_diagnostics is not None:
+            run.diagnostics = AttentionDiagnostics.for_run(run, attention_diagnostics)
+        if run.diagnostics is not None:
+            # After the method's hooks, so that the diagnostics read the maps its edits give.
+            observation = AttentionHooks(run.unet, run.diagnostics.layers, observer=run.diagnostics).install()
         for i, t in enumerate(run.timesteps):
+            if run.diagnostics is not None:
+                run.diagnostics.step = i
             latents, failed_at = _quarantine(method.update_latents(run, i, t, latents), failed_at, i)
             with torch.no_grad():
                 noise = method.predict_noise(run, i, t, latents)
@@ -154,13 +175,26 @@ def sample(
             if on_step is not None:
                 on_step(i, t, latents)
     finally:
+        if observation is not None:
+            observation.remove()
         method.teardown(run)
 
     with torch.no_grad():
         decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
     images = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * n)
     failed_step = [None if step < 0 else step for step in failed_at.tolist()]
+    diagnostics = None if run.diagnostics is None else run.diagnostics.results()
     _synchronize(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return SampleResult(images, latents, seconds, peak, failed_step, run.notes)
+    return SampleResult(images, latents, seconds, peak, failed_step, run.notes, diagnostics,
+                        None if diagnostics is not None else _diagnostics_skipped(attention_diagnostics, run))
+
+
+def _diagnostics_skipped(resolution: int | None, run: DenoisingRun) -> str:
+    """Why a call recorded no attention diagnostics (its records say so)."""
+    if resolution is None:
+        return "not requested"
+    if run.diagnostics is None:
+        return "the prompt lists no subjects"
+    return "the method never ran the prompt's own conditional embedding through the guided forward (DenoisingRun.guided_noise)"

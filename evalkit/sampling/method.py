@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 import torch
 
@@ -11,7 +11,7 @@ from evalkit.errors import ConfigError, PromptError
 from evalkit.prompts import PromptSpec
 
 if TYPE_CHECKING:
-    from evalkit.sampling.loop import DenoisingRun
+    from evalkit.sampling.loop import DenoisingRun, SampleResult
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -77,6 +77,15 @@ class Method:
             indexer.subject_indices(spec)
         if "groups" in self.requires:
             indexer.group_indices(spec)
+
+    def configure_for_experiment(self, scorers: Mapping[str, Mapping[str, Any]]) -> None:
+        """Take from the experiment's scorer configs (by key) what the method needs beyond its own parameters, or
+        raise ConfigError; called before any model loads. Most methods need nothing (best_of_n: its verifier)."""
+
+    def sample_images(self, sample_call: Callable[[list[int]], "SampleResult"], spec: PromptSpec, seeds: list[int]) -> "SampleResult":
+        """The images of `seeds` for `spec`: one call of the shared loop with this method (`sample_call(seeds)`). A
+        method that spends its compute on more seeds (best_of_n) samples candidates and keeps some."""
+        return sample_call(seeds)
 
     def setup(self, run: "DenoisingRun") -> None:
         """Called once per sampling call, after the prompt is encoded and the initial latents drawn."""

@@ -153,6 +153,8 @@ def scorer_class(name: str) -> type[Scorer]:
     import evalkit.scoring.lpips_score  # noqa: F401
     import evalkit.scoring.detection  # noqa: F401
     import evalkit.scoring.overhead  # noqa: F401
+    import evalkit.scoring.shapes_clip  # noqa: F401
+    import evalkit.scoring.shapes_detection  # noqa: F401
     import evalkit.scoring.text_similarity  # noqa: F401
     import evalkit.scoring.tifa  # noqa: F401
 
