@@ -6,7 +6,8 @@ tries of vanilla?).
 - The verifier is one of the experiment's scorers (`verifier`: its key in `scorers`, e.g. `owlv2` or `clip`) and
   one of its metrics (`verifier_metric`); both are method parameters, so they are part of the variant's name
   (its hash also covers the verifier's scorer config: another threshold keeps other images). A report metric
-  from the same scorer rates what best-of-n selected for, and is flagged there.
+  from the same scorer rates what best-of-n selected for; each record's `selection.verifier_scorer` names that
+  scorer exactly as its score rows do (the report does not mark such a metric yet).
 - Candidate 0 of seed s is seed s itself (plain sampling's image of that seed, bit for bit: best-of-1 is
   vanilla); candidate k >= 1 is a seed derived from (s, k) by SHA-256, the same for every n, so best-of-2's
   candidates are best-of-4's first two. Candidate k of every seed of a call is sampled as one batch of the call's
