@@ -67,6 +67,7 @@ PEAK_MEMORY = "peak generation memory"
 OVERHEAD = "overhead (T - T0) / T0"
 SPEED_UP = "speed-up at the generation batch (images/s against batch 1)"
 GRAPHS_RATIO = "vanilla with CUDA graphs / without"
+DIAGNOSTICS_RATIO = "vanilla recording attention diagnostics / not"
 AAE_RATIO = "attend_and_excite / diffusers StableDiffusionAttendAndExcitePipeline"
 AAE_REFERENCE_OVERHEAD = "overhead of diffusers' A&E pipeline (T - T0) / T0"
 HOST_SYNCS = "host synchronisations per sampling call"
@@ -205,8 +206,10 @@ def _method_configs(selection) -> dict[str, dict]:
     known = sorted(path.stem for path in (CONF / "method").glob("*.yaml"))
     if selection == "all":
         # Methods that sample with finetuned weights (a `checkpoint`, e.g. sepen) cost what vanilla costs and need a
-        # checkpoint made for the benchmarked model, so "all" leaves them out.
-        names = [name for name in known if "checkpoint" not in OmegaConf.load(CONF / "method" / f"{name}.yaml")]
+        # checkpoint made for the benchmarked model, and a method that chooses among plain samples (best_of_n) costs
+        # n vanilla images plus its verifier (as the projection counts it), so "all" leaves them out.
+        names = [name for name in known if "checkpoint" not in (config := method_config(name))
+                 and build_method(OmegaConf.to_container(config)).plain_samples_per_image() is None]
     else:
         names = _names(selection, known, "method")
     names = ["vanilla"] + [name for name in names if name != "vanilla"]  # every overhead is against vanilla
@@ -443,6 +446,17 @@ class ModelBench:
                  f"max latent difference {max_difference(graphed.output, eager.output):.1e}; "
                  f"with {graphed.seconds:.3f} s, without {eager.seconds:.3f} s per call")
 
+    def diagnostics_against_none(self, batch: int) -> None:
+        """Vanilla recording the report's attention diagnostics (16x16 maps) against vanilla without: the cost every
+        method pays in a run that records them (on a GPU their forwards cannot replay CUDA graphs)."""
+        plain = self.measurement("vanilla", batch)
+        vanilla, seeds = self.method("vanilla"), self.seeds(batch)
+        recording = measure(lambda: sample(self.pipe, vanilla, self.plan.spec, seeds, self.settings, self.indexer,
+                                           attention_diagnostics=16).latents, self.run.repeats, self.device)
+        self.row(DIAGNOSTICS_RATIO, "vanilla", batch, recording.seconds / plain.seconds, "ratio",
+                 f"max latent difference {max_difference(recording.output, plain.output):.1e}; "
+                 f"with {recording.seconds:.3f} s, without {plain.seconds:.3f} s per call")
+
     def derived_rows(self, name: str) -> None:
         """Overheads against vanilla at batch 1 and the official batch, and the speed-up at the generation batch, from
         what was measured."""
@@ -530,6 +544,8 @@ def bench_model(plan: BenchPlan, run: ModelRun, recorder: Recorder) -> None:
                 if plan.device.type == "cuda":
                     recorder.attempt(bench.part(GRAPHS_RATIO, name, batch, "ratio"),
                                      lambda: bench.graphs_against_eager(batch))
+                recorder.attempt(bench.part(DIAGNOSTICS_RATIO, name, batch, "ratio"),
+                                 lambda: bench.diagnostics_against_none(batch))
             recorder.attempt(bench.part(IMAGES_PER_SECOND, name, batch, "images/s"),
                              lambda: bench.time_method(name, batch))
         bench.derived_rows(name)
@@ -700,11 +716,18 @@ def target_works(target: DictConfig, built_dataset_sizes: dict[str, int]) -> lis
         images = _prompt_count(cfg, built_dataset_sizes) * len(cfg.seeds)
         scorers = tuple(s.name for s in cfg.scorers.values() if scorer_class(s.name).needs_images)
         for name in cfg.methods:
-            method = method_config(name)
-            for_timing = "vanilla" if method.get("checkpoint") else method.name
-            works.append(Work(" ".join(overrides), cfg.model.name, cfg.model.get("timed_as"), for_timing,
-                              int(cfg.batch_size), int(cfg.sampling.num_inference_steps), images,
-                              not target.get("reuses_images", False), scorers))
+            config = method_config(name)
+            # a finetuned checkpoint is not built here: it samples as vanilla, and need not exist yet
+            samples = None if config.get("checkpoint") else build_method(
+                OmegaConf.to_container(config, resolve=True)).plain_samples_per_image()
+            for_timing = "vanilla" if config.get("checkpoint") or samples else config.name
+            run = (" ".join(overrides), cfg.model.name, cfg.model.get("timed_as"), for_timing, int(cfg.batch_size),
+                   int(cfg.sampling.num_inference_steps))
+            generated = not target.get("reuses_images", False)
+            if samples:  # n plain samples per kept image, each rated by the verifier
+                works.append(Work(*run, images * samples, generated, (cfg.scorers[config.verifier].name,)))
+                generated = False
+            works.append(Work(*run, images, generated, scorers))
     return works
 
 

@@ -7,7 +7,7 @@ tries of vanilla?).
   one of its metrics (`verifier_metric`); both are method parameters, so they are part of the variant's name
   (its hash also covers the verifier's scorer config: another threshold keeps other images). A report metric
   from the same scorer rates what best-of-n selected for; each record's `selection.verifier_scorer` names that
-  scorer exactly as its score rows do (the report does not mark such a metric yet).
+  scorer exactly as its score rows do, and the report marks that metric (†) in best_of_n's rows.
 - Candidate 0 of seed s is seed s itself (plain sampling's image of that seed, bit for bit: best-of-1 is
   vanilla); candidate k >= 1 is a seed derived from (s, k) by SHA-256, the same for every n, so best-of-2's
   candidates are best-of-4's first two. Candidate k of every seed of a call is sampled as one batch of the call's
@@ -87,6 +87,9 @@ class BestOfN(Method):
                 f"it gives {metrics}"
             )
         self.verifier_config = config
+
+    def plain_samples_per_image(self) -> int:
+        return self.n
 
     def sample_images(self, sample_call, spec, seeds):
         from evalkit.sampling.loop import SampleResult

@@ -48,6 +48,8 @@ def test_bench_measures_every_figure_and_writes_its_report(tmp_path):
     assert list(table.columns) == list(ROW_COLUMNS)
     harness = measured(table, bench.HARNESS_RATIO)
     assert list(harness.batch) == [1, 2] and harness.note.str.startswith("same latents: True").all()
+    diagnostics = measured(table, bench.DIAGNOSTICS_RATIO)  # recording leaves the latents as they are
+    assert list(diagnostics.batch) == [1, 2] and diagnostics.note.str.startswith("max latent difference 0.0e+00").all()
     throughput = measured(table, bench.IMAGES_PER_SECOND)
     assert set(zip(throughput.method, throughput.batch)) == {
         (method, batch) for method in ("vanilla", "composable_diffusion") for batch in (1, 2, 3)}
@@ -69,7 +71,8 @@ def test_narrowing_overrides_measure_only_what_they_name(tmp_path):
     run_bench(bench_config(tmp_path, "methods=[vanilla]", "batch_sizes=[1]", "scorers=[]"))
     table = rows(tmp_path)
     assert set(zip(table.measure, table.method, table.batch)) == {
-        (bench.HARNESS_RATIO, "vanilla", 1), (bench.IMAGES_PER_SECOND, "vanilla", 1), (bench.PEAK_MEMORY, "vanilla", 1)}
+        (bench.HARNESS_RATIO, "vanilla", 1), (bench.DIAGNOSTICS_RATIO, "vanilla", 1), (bench.IMAGES_PER_SECOND, "vanilla", 1),
+        (bench.PEAK_MEMORY, "vanilla", 1)}
 
 
 def test_profile_writes_the_top_ops_and_counts_host_synchronisations(tmp_path):
@@ -206,10 +209,13 @@ def test_projection_counts_each_reproduce_target_as_the_makefile_runs_it():
     assert list(cfg.targets) == targets
     works = bench.target_works(cfg.targets["reproduce-ar-table1"], dict(cfg.built_dataset_sizes))
     batch = OmegaConf.load(PROJECT_ROOT / "conf" / "experiment" / "ar_table1.yaml").batch_size
-    assert [(w.method, w.images, w.timed_as, w.batch) for w in works if w.run.endswith("attend_and_excite")] == [
-        (method, 276 * 10, "sd2_base_random", batch)
-        for method in ("vanilla", "composable_diffusion", "syngen", "attend_and_excite", "attention_regulation")]
-    assert works[0].scorers == ("clip", "owlv2", "lpips")
+    assert [(w.method, w.images, w.timed_as, w.batch, w.generated, w.scorers)
+            for w in works if w.run.endswith("attend_and_excite")] == [
+        *((method, 276 * 10, "sd2_base_random", batch, True, ("clip", "owlv2", "lpips"))
+          for method in ("vanilla", "composable_diffusion", "syngen", "attend_and_excite", "attention_regulation")),
+        # best_of_n: four vanilla images per kept image, each rated by its verifier, then the kept ones scored
+        ("vanilla", 4 * 276 * 10, "sd2_base_random", batch, True, ("owlv2",)),
+        ("vanilla", 276 * 10, "sd2_base_random", batch, False, ("clip", "owlv2", "lpips"))]
     fid = bench.target_works(cfg.targets["reproduce-sepen-fid"], dict(cfg.built_dataset_sizes))
     assert [(w.method, w.images, w.timed_as, w.generated) for w in fid] == [
         ("vanilla", 3000, "sd15_random", True), ("vanilla", 3000, "sd15_random", True)]  # sepen samples as vanilla

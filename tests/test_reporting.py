@@ -216,8 +216,10 @@ def _three_methods(tmp_path):
                      dict(key, metric="detection/cat", value=float(value > 0.2), scorer="det"),
                      dict(key, metric="detection_rate", value=float(value > 0.2), scorer="det"),
                      dict(key, metric="seconds_per_image", value=seconds[variant] + seed / 10, scorer="timer")]
+            verifier = ({"verifier_metric": "detection_rate", "verifier_scorer": "det"} if variant == BEST_OF_4 else
+                        {"verifier_metric": None, "verifier_scorer": None})
             records.append(dict(key, status="ok", failed_step=None, prompt=f"prompt {prompt_id}",
-                                subset={"p0": "animals", "p1": "objects"}[prompt_id]))
+                                subset={"p0": "animals", "p1": "objects"}[prompt_id], **verifier))
             path = tmp_path / f"{variant.split('@')[0]}_{prompt_id}_{seed}.png"
             Image.new("RGB", (16, 16), (int(value * 255), 0, 0)).save(path)
             images.append(dict(key, path=str(path)))
@@ -266,6 +268,21 @@ def test_paired_differences_are_a_method_by_metric_table_and_breakdowns_collapse
     # per subset: the methods tie on p0 (animals) and attend_and_excite leads on p1 (objects)
     subsets = breakdowns[breakdowns.index("per prompt subset"):]
     assert "<td>objects</td><td>clip ↑</td><td>0.110 [0.100, 0.120]</td><td><strong>0.510 [" in subsets
+
+
+def test_a_metric_that_is_best_of_ns_verifier_is_flagged_wherever_best_of_n_reports_it(tmp_path):
+    scores, records, images = _three_methods(tmp_path)
+    write_report(tmp_path / "r", "t", scores, records, [], images, None, METRIC_INFO,
+                 headline_metrics=["clip", "detection_rate"])
+    readme = (tmp_path / "r" / "README.md").read_text()
+    headline = readme[readme.index("| method |"):readme.index("## Image grids")]
+    best_of_n = next(line for line in headline.splitlines() if line.startswith("| best_of_n |"))
+    clip_cell, detection_cell = best_of_n.split(" | ")[1:3]
+    assert "\\] †" in detection_cell and "†" not in clip_cell  # it selected by detection, not by clip
+    excite = next(line for line in headline.splitlines() if line.startswith("| attend_and_excite |"))
+    assert "†" not in excite and "†: the metric this method chose its images by" in readme
+    paired = readme[readme.index("## Paired differences vs vanilla"):readme.index("## Compute overhead")]
+    assert next(line for line in paired.splitlines() if line.startswith("| best_of_n |")).count("†") == 1
 
 
 def test_grid_page_shows_the_prompts_where_methods_disagree_most_first(tmp_path):

@@ -48,6 +48,7 @@ SEED_SPENDING_METHODS = ("best_of_n",)
 GRID_CELL_PX = 192
 GRIDS_INLINE = 4  # grids per dataset on the main page; the dataset's grid page has every prompt
 MISSING = "–"
+VERIFIER_MARK = " †"  # beside a value of the metric its method selected images by
 
 _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -203,6 +204,8 @@ class _Numbers:
     metric_info: dict[str, bool]
     baseline: str
     headline: list[str]
+    # (model, dataset, variant) -> the (metric, scorer) a selecting method (best_of_n) chose its images by
+    verifiers: dict[tuple[str, str, str], tuple[str, str]]
 
     def __post_init__(self):
         self.estimates: dict[tuple, Estimate] = {
@@ -220,6 +223,10 @@ class _Numbers:
 
     def datasets(self) -> list[str]:
         return sorted(set(self.summary["dataset"]))
+
+    def verifier_mark(self, key: tuple[str, str], dataset: str, metric: str, scorer: str | None) -> str:
+        """VERIFIER_MARK where the variant `key` chose its images by this very metric, else nothing."""
+        return VERIFIER_MARK if self.verifiers.get((key[0], dataset, key[1])) == (metric, scorer) else ""
 
     def variants(self, dataset: str, frame: pd.DataFrame | None = None) -> list[tuple[str, str]]:
         """The (model, variant) keys with rows on `dataset` in `frame` (default: the summary), baseline first."""
@@ -324,7 +331,8 @@ def _headline_sections(numbers: _Numbers, paper: PaperTable | None, protocol_not
             estimates = [numbers.estimates.get((model, dataset, variant, metric, scorer)) for model, variant in variants]
             bold |= {(index, len(headers)) for index in _best_marks(numbers, metric, variants, estimates)}
             headers.append(numbers.column_label(metric, scorer))
-            cells_by_column.append([_estimate_text(estimate, metric) for estimate in estimates])
+            cells_by_column.append([_estimate_text(estimate, metric) + numbers.verifier_mark(key, dataset, metric, scorer)
+                                    for estimate, key in zip(estimates, variants)])
             paper_cells = [
                 published.get((dataset, method, metric), published.get((None, method, metric), MISSING))
                 for method in (numbers.labels.method(*key) for key in variants)
@@ -343,6 +351,9 @@ def _headline_sections(numbers: _Numbers, paper: PaperTable | None, protocol_not
         )
         if published:
             legend += f" 'in the paper': {paper.title}, as printed."
+        if numbers.verifiers:
+            legend += (f" {VERIFIER_MARK}: the metric this method chose its images by (best_of_n's verifier); its "
+                       "value is selected, not an independent measurement.")
         sections[0].blocks.insert(0, Paragraph(legend))
         if protocol_note:
             sections[-1].blocks.append(Paragraph(protocol_note))
@@ -511,9 +522,11 @@ def _paired_section(numbers: _Numbers) -> Section | None:
     collapsed table."""
     if numbers.differences.empty:
         return None
-    blocks: list[Block] = [Paragraph(
-        f"Mean of (method - {numbers.baseline}) over the same (prompt, seed) pairs, with a paired 95% bootstrap "
-        "interval; bold where the interval excludes zero.")]
+    legend = (f"Mean of (method - {numbers.baseline}) over the same (prompt, seed) pairs, with a paired 95% bootstrap "
+              "interval; bold where the interval excludes zero.")
+    if numbers.verifiers:
+        legend += f"{VERIFIER_MARK}: the metric the method chose its images by."
+    blocks: list[Block] = [Paragraph(legend)]
     for dataset in numbers.datasets():
         variants = numbers.variants(dataset, numbers.differences)
         if not variants:
@@ -523,8 +536,8 @@ def _paired_section(numbers: _Numbers) -> Section | None:
         rows, bold = [], set()
         for row_index, key in enumerate(variants):
             estimates = [numbers.difference_estimates.get((key[0], dataset, key[1], *column)) for column in headline]
-            rows.append([numbers.labels.label(*key), *(_estimate_text(e, metric, "+")
-                                                        for e, (metric, _) in zip(estimates, headline))])
+            rows.append([numbers.labels.label(*key), *(_estimate_text(e, metric, "+") + numbers.verifier_mark(key, dataset, metric, scorer)
+                                                        for e, (metric, scorer) in zip(estimates, headline))])
             bold |= {(row_index, column + 1) for column in _excludes_zero(estimates)}
         headers = ["method", *(numbers.column_label(*column) for column in headline)]
         blocks += [Paragraph(f"{dataset}:"), Table(headers, rows, frozenset(bold))]
@@ -924,6 +937,15 @@ def _html(title: str, notice: str | None, sections: list[Section]) -> str:
     )
 
 
+def _verifiers(records: pd.DataFrame) -> dict[tuple[str, str, str], tuple[str, str]]:
+    """(model, dataset, variant) -> (metric, scorer) of each variant whose records name a verifier."""
+    if "verifier_metric" not in records:
+        return {}
+    chosen = records.dropna(subset=["verifier_metric", "verifier_scorer"])
+    return {(row.model, row.dataset, row.variant): (row.verifier_metric, row.verifier_scorer)
+            for row in chosen.drop_duplicates(["model", "dataset", "variant"]).itertuples()}
+
+
 def default_headline(metric_info: Mapping[str, bool]) -> list[str]:
     """Every metric that is not one of a family ("detection/<subject>") or a compute metric."""
     return [metric for metric in metric_info if not metric.endswith("/") and metric not in COMPUTE_METRICS]
@@ -966,7 +988,7 @@ def write_report(
     numbers = _Numbers(
         per_image, all_summaries, relative_overhead(per_image, baseline_method),
         differences[~differences["metric"].isin(COMPUTE_METRICS)], labels, _metric_labels(all_summaries),
-        metric_info, baseline_method, list(headline_metrics or default_headline(metric_info)),
+        metric_info, baseline_method, list(headline_metrics or default_headline(metric_info)), _verifiers(records),
     )
     protocol, protocol_note = _protocol_section(paper, manifests)
     from evalkit.reporting.diagnostics import diagnostics_sections  # it builds on this module's blocks

@@ -87,6 +87,11 @@ class Method:
         method that spends its compute on more seeds (best_of_n) samples candidates and keeps some."""
         return sample_call(seeds)
 
+    def plain_samples_per_image(self) -> int | None:
+        """For a method that only chooses among plain samples (best_of_n), how many it draws per image it keeps;
+        the benchmark times it as that many vanilla images plus its verifier. None: the method changes sampling."""
+        return None
+
     def setup(self, run: "DenoisingRun") -> None:
         """Called once per sampling call, after the prompt is encoded and the initial latents drawn."""
 
