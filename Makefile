@@ -7,7 +7,7 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 # Tests, the demo and the benchmark never reach the Hugging Face Hub.
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: venv demo test bench reproduce clean
+.PHONY: venv demo test lint bench reproduce clean
 
 venv: $(VENV)/.installed
 
@@ -18,13 +18,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# The tiny Separate-and-Enhance finetune first (seconds; a re-run finds it finished) for the demo's sepen row.
+# The tiny Separate-and-Enhance finetune first (seconds; a re-run finds it finished) for the demo's separate_and_enhance row.
 demo: venv
 	$(OFFLINE) $(PY) -m evalkit finetune finetune=tiny_demo
 	$(OFFLINE) $(PY) -m evalkit run experiment=demo
 
-test: venv
+# The whole suite (`pytest -m "not slow"` is the quick inner loop), after the linter.
+test: lint
 	$(OFFLINE) $(PY) -m pytest -q
+
+# ruff, configured in pyproject.toml
+lint: venv
+	$(PY) -m ruff check evalkit tests scripts datasets
 
 # Ratios of the harness against diffusers, method overheads, scorer throughput, peak memory -> reports/bench/
 bench: venv

@@ -18,11 +18,15 @@ from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
 from evalkit import stages
+from evalkit.bench import run_bench
 from evalkit.errors import ConfigError, EvalkitError
-from evalkit.manifest import PROJECT_ROOT
-from evalkit.sampling.method import build_method
-from evalkit.scoring.base import check_scorer
+from evalkit.finetune.train import finetune
+from evalkit.paths import CONF, config_file
+from evalkit.reporting.paper_table import load_paper_table
+from evalkit.sampling.method import METHODS
+from evalkit.scoring.base import preflight_scorer
 from evalkit.stand_ins import with_stand_ins
+from evalkit.world.train import train_world
 
 COMMANDS = ("generate", "score", "report", "run", "bench", "finetune", "train-world")
 USAGE = f"usage: python -m evalkit {{{','.join(COMMANDS)}}} [overrides...] [--multirun]"
@@ -71,21 +75,18 @@ def check_group_choices(arguments: list[str]) -> None:
     for override in parsed:
         if override.key_or_group not in CONFIG_GROUPS or override.is_delete():
             continue
-        folder = PROJECT_ROOT / "conf" / override.key_or_group
-        known = sorted(path.stem for path in folder.glob("*.yaml"))
         for name in _group_choices(override):
-            if name not in known:
-                raise ConfigError(f"unknown {override.key_or_group} {name!r}; known: {', '.join(known)}")
+            config_file(override.key_or_group, name)
 
 
 def run_all(cfg: DictConfig) -> None:
-    method_configs = [stages.method_config(name) for name in cfg.methods]  # all known before any image is made
+    method_configs = [config_file("method", name) for name in cfg.methods]  # all known before any image is made
     for method in method_configs:
-        build_method(OmegaConf.to_container(method, resolve=True)).configure_for_experiment(
+        METHODS.build(OmegaConf.to_container(method, resolve=True)).configure_for_experiment(
             OmegaConf.to_container(cfg.scorers, resolve=True))
     for scorer in cfg.scorers.values():
-        check_scorer(OmegaConf.to_container(scorer, resolve=True), list(cfg.methods))
-    stages.paper_table(cfg)  # the published table the report compares with is readable, its protocol well-formed
+        preflight_scorer(OmegaConf.to_container(scorer, resolve=True), list(cfg.methods))
+    load_paper_table(cfg)  # the published table the report compares with is readable, its protocol well-formed
     stages.headline_metrics(cfg)  # and the report's first table names metrics the scorers give
     for method in method_configs:
         run_cfg = cfg.copy()
@@ -95,26 +96,8 @@ def run_all(cfg: DictConfig) -> None:
     stages.report(cfg)
 
 
-def bench(cfg: DictConfig) -> None:
-    from evalkit.bench import run_bench
-
-    run_bench(cfg)
-
-
-def finetune(cfg: DictConfig) -> None:
-    from evalkit.finetune.train import finetune as run_finetune
-
-    run_finetune(cfg)
-
-
-def train_world(cfg: DictConfig) -> None:
-    from evalkit.world.train import train_world as run_train_world
-
-    run_train_world(cfg)
-
-
 STAGES = {
-    "generate": stages.generate, "score": stages.score, "report": stages.report, "run": run_all, "bench": bench,
+    "generate": stages.generate, "score": stages.score, "report": stages.report, "run": run_all, "bench": run_bench,
     "finetune": finetune, "train-world": train_world,
 }
 # every other command reads conf/config.yaml
@@ -134,7 +117,7 @@ def main() -> None:
 
     config_name = CONFIG_NAMES.get(command, "config")
 
-    @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name=config_name)
+    @hydra.main(version_base="1.3", config_path=str(CONF), config_name=config_name)
     def entry(cfg: DictConfig) -> None:
         logging.getLogger("evalkit").setLevel(logging.INFO)
         try:

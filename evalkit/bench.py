@@ -31,9 +31,11 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -47,16 +49,23 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from evalkit.errors import ConfigError, EvalkitError
-from evalkit.manifest import PROJECT_ROOT, git_commit, hardware, package_versions
+from evalkit.manifest import git_commit, hardware, package_versions
 from evalkit.models.loading import load_pipeline, resolve_device
+from evalkit.paths import (
+    CONF,
+    config_file,
+    config_names,
+    has_config,
+    project_path,
+    unknown_name,
+)
 from evalkit.prompts import PromptSpec, TokenIndexer, load_prompt_set
 from evalkit.sampling.loop import SamplingSettings, sample
-from evalkit.sampling.method import Method, build_method
-from evalkit.scoring.base import ScoredImage, build_scorer, check_scorer, scorer_class
-from evalkit.stages import method_config, project_path
+from evalkit.sampling.method import METHODS, Method
+from evalkit.scoring.base import SCORERS, ScoredImage, preflight_scorer
+from evalkit.scoring.lpips import LpipsScorer
 from evalkit.store import atomic_write_bytes, atomic_write_json
 
-CONF = PROJECT_ROOT / "conf"
 ROW_COLUMNS = ("model", "steps", "measure", "method", "batch", "value", "unit", "note")
 NO_MODEL = "-"  # the model (or method) column of rows that belong to none (projections; a model's build)
 
@@ -183,7 +192,7 @@ def _names(selection, known: list[str], what: str) -> list[str]:
         raise ConfigError(f"bench: {what}s must be `all` or a list of names, got {selection!r}")
     for name in selection:
         if name not in known:
-            raise ConfigError(f"bench: unknown {what} {name!r}; known: {', '.join(known)}")
+            raise ConfigError(f"bench: {unknown_name(what, name, known)}")
     return list(selection)
 
 
@@ -203,19 +212,19 @@ def _batch_sizes(selection, what: str) -> set[int] | None:
 
 
 def _method_configs(selection) -> dict[str, dict]:
-    known = sorted(path.stem for path in (CONF / "method").glob("*.yaml"))
+    known = config_names("method")
     if selection == "all":
-        # Methods that sample with finetuned weights (a `checkpoint`, e.g. sepen) cost what vanilla costs and need a
+        # Methods that sample with finetuned weights (a `checkpoint`, e.g. separate_and_enhance) cost what vanilla costs and need a
         # checkpoint made for the benchmarked model, and a method that chooses among plain samples (best_of_n) costs
         # n vanilla images plus its verifier (as the projection counts it), so "all" leaves them out.
-        names = [name for name in known if "checkpoint" not in (config := method_config(name))
-                 and build_method(OmegaConf.to_container(config)).plain_samples_per_image() is None]
+        names = [name for name in known if "checkpoint" not in (config := config_file("method", name))
+                 and METHODS.build(OmegaConf.to_container(config)).plain_samples_per_image() is None]
     else:
         names = _names(selection, known, "method")
     names = ["vanilla"] + [name for name in names if name != "vanilla"]  # every overhead is against vanilla
-    configs = {name: OmegaConf.to_container(method_config(name), resolve=True) for name in names}
+    configs = {name: OmegaConf.to_container(config_file("method", name), resolve=True) for name in names}
     for config in configs.values():
-        build_method(config)  # a bad parameter is a ConfigError now, not after the models load
+        METHODS.build(config)  # a bad parameter is a ConfigError now, not after the models load
     return configs
 
 
@@ -227,7 +236,7 @@ def _model_runs(cfg: DictConfig, device: torch.device) -> list[ModelRun]:
         names = _names(cfg.models, list(entries), "model")
     runs = []
     for name in names:
-        if not (CONF / "model" / f"{name}.yaml").is_file():
+        if not has_config("model", name):
             raise ConfigError(f"bench: model_runs.{name} names no model config (conf/model/{name}.yaml)")
         entry = entries[name]
         runs.append(ModelRun(name, _positive(entry.steps, f"model_runs.{name}.steps"),
@@ -246,11 +255,11 @@ def _scorer_runs(cfg: DictConfig, device: torch.device) -> tuple[list[ScorerRun]
     runs = []
     for key in _names(cfg.scorers, list(scoring.scorers), f"scorer on {device.type}"):
         entry = scoring.scorers[key]
-        path = CONF / "scorer" / f"{entry.config}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"bench: scoring.{device.type}.scorers.{key} names no scorer config ({path.name})")
-        config = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(path), entry.get("params", {})), resolve=True)
-        check_scorer(config, ["vanilla"])
+        if not has_config("scorer", entry.config):
+            raise ConfigError(f"bench: scoring.{device.type}.scorers.{key} names no scorer config ({entry.config}.yaml)")
+        config = OmegaConf.to_container(OmegaConf.merge(config_file("scorer", entry.config), entry.get("params", {})),
+                                        resolve=True)
+        preflight_scorer(config, ["vanilla"])
         runs.append(ScorerRun(key, entry.config, config,
                               _positive(entry.images, f"scoring.{device.type}.scorers.{key}.images"),
                               entry.get("note", "")))
@@ -265,7 +274,7 @@ def plan_bench(cfg: DictConfig, device: torch.device) -> BenchPlan:
     methods = _method_configs(cfg.methods)
     official = {name: _positive(batch, f"official_batch.{name}") for name, batch in cfg.official_batch.items()}
     for name in official:
-        if not (CONF / "method" / f"{name}.yaml").is_file():
+        if not has_config("method", name):
             raise ConfigError(f"bench: official_batch names an unknown method {name!r}")
     batch_sizes = _batch_sizes(cfg.batch_sizes, "batch_sizes")
     scorers, image_size = _scorer_runs(cfg, device)
@@ -354,7 +363,7 @@ class ModelBench:
     needs it reads that measurement."""
 
     def __init__(self, plan: BenchPlan, run: ModelRun, recorder: Recorder):
-        model_cfg = OmegaConf.load(CONF / "model" / f"{run.name}.yaml")
+        model_cfg = config_file("model", run.name)
         self.pipe = load_pipeline(model_cfg, plan.device)
         self.plan, self.run, self.recorder, self.device = plan, run, recorder, plan.device
         size = int(model_cfg.resolution)
@@ -384,7 +393,7 @@ class ModelBench:
 
     def method(self, name: str) -> Method:
         if name not in self.methods:
-            self.methods[name] = build_method(self.plan.methods[name])
+            self.methods[name] = METHODS.build(self.plan.methods[name])
         return self.methods[name]
 
     def seeds(self, batch: int) -> list[int]:
@@ -533,29 +542,29 @@ def bench_model(plan: BenchPlan, run: ModelRun, recorder: Recorder) -> None:
     comparison_batches = set(bench.allowed({1, plan.generation_batch}))
     for name in plan.methods:
         try:
-            bench.method(name).check(plan.spec, bench.indexer)
+            bench.method(name).preflight(plan.spec, bench.indexer)
         except EvalkitError as error:
             bench.row(IMAGES_PER_SECOND, name, None, float("nan"), "images/s", f"not run: {error}")
             continue
         for batch in bench.method_batches(name):
             if name == "vanilla" and batch in comparison_batches:
                 recorder.attempt(bench.part(HARNESS_RATIO, name, batch, "ratio"),
-                                 lambda: bench.harness_against_diffusers(batch))
+                                 partial(bench.harness_against_diffusers, batch))
                 if plan.device.type == "cuda":
                     recorder.attempt(bench.part(GRAPHS_RATIO, name, batch, "ratio"),
-                                     lambda: bench.graphs_against_eager(batch))
+                                     partial(bench.graphs_against_eager, batch))
                 recorder.attempt(bench.part(DIAGNOSTICS_RATIO, name, batch, "ratio"),
-                                 lambda: bench.diagnostics_against_none(batch))
+                                 partial(bench.diagnostics_against_none, batch))
             recorder.attempt(bench.part(IMAGES_PER_SECOND, name, batch, "images/s"),
-                             lambda: bench.time_method(name, batch))
+                             partial(bench.time_method, name, batch))
         bench.derived_rows(name)
     if "attend_and_excite" in plan.methods and bench.allowed({1}):
         recorder.attempt(bench.part(AAE_RATIO, "attend_and_excite", 1, "ratio"),
                          bench.attend_and_excite_against_diffusers)
     if plan.profile:
         for name in plan.methods:
-            recorder.attempt(bench.part(HOST_SYNCS, name, 1, "calls"), lambda: bench.profile(name))
-    del bench  # both full-size models do not need to be on the accelerator at once
+            recorder.attempt(bench.part(HOST_SYNCS, name, 1, "calls"), partial(bench.profile, name))
+    bench = None  # both full-size models do not need to be on the accelerator at once
     _free_memory(plan.device)
 
 
@@ -571,9 +580,7 @@ def _free_memory(device: torch.device) -> None:
 def time_scorer(plan: BenchPlan, run: ScorerRun, recorder: Recorder) -> None:
     """Images per second of one scorer at its batch size, on seeded noise images of the bench prompt, batched as the
     score stage batches them."""
-    from evalkit.scoring.lpips_score import LpipsScorer
-
-    scorer = build_scorer(run.config, plan.device)
+    scorer = SCORERS.build(run.config, plan.device)
     batch_size = int(run.config.get("batch_size", 32))
     side = plan.scorer_image_size
     pixels = np.random.default_rng(plan.seed).integers(0, 256, (run.images, side, side, 3), dtype=np.uint8)
@@ -595,9 +602,9 @@ def time_scorer(plan: BenchPlan, run: ScorerRun, recorder: Recorder) -> None:
 
     seconds = median_seconds(score_all, plan.repeats, plan.device)
     partial = " (one partial batch)" if run.images < batch_size else ""
-    note = f"{scorer.name}; {run.images} images of {side} px{partial}" + (f"; {run.note}" if run.note else "")
+    note = f"{scorer.provenance}; {run.images} images of {side} px{partial}" + (f"; {run.note}" if run.note else "")
     recorder.add(run.config_name, None, SCORER_THROUGHPUT, run.key, batch_size, run.images / seconds, "images/s", note)
-    del scorer
+    scorer = None  # its model leaves the accelerator before the next scorer's loads
     _free_memory(plan.device)
 
 
@@ -714,11 +721,11 @@ def target_works(target: DictConfig, built_dataset_sizes: dict[str, int]) -> lis
     for overrides in target.runs:
         cfg = _composed(list(overrides))
         images = _prompt_count(cfg, built_dataset_sizes) * len(cfg.seeds)
-        scorers = tuple(s.name for s in cfg.scorers.values() if scorer_class(s.name).needs_images)
+        scorers = tuple(s.name for s in cfg.scorers.values() if SCORERS[s.name].needs_images)
         for name in cfg.methods:
-            config = method_config(name)
+            config = config_file("method", name)
             # a finetuned checkpoint is not built here: it samples as vanilla, and need not exist yet
-            samples = None if config.get("checkpoint") else build_method(
+            samples = None if config.get("checkpoint") else METHODS.build(
                 OmegaConf.to_container(config, resolve=True)).plain_samples_per_image()
             for_timing = "vanilla" if config.get("checkpoint") or samples else config.name
             run = (" ".join(overrides), cfg.model.name, cfg.model.get("timed_as"), for_timing, int(cfg.batch_size),
@@ -827,13 +834,13 @@ def run_bench(cfg: DictConfig) -> Path:
     # Scorers first: they are quick, and every projection needs them.
     for run in plan.scorers:
         recorder.attempt(Part(run.config_name, None, SCORER_THROUGHPUT, run.key, None, "images/s"),
-                         lambda: time_scorer(plan, run, recorder))
+                         partial(time_scorer, plan, run, recorder))
     for run in plan.models:
         bench_model(plan, run, recorder)
     unit = "GPU-hours" if device.type == "cuda" else f"{device.type.upper()}-hours"  # hours of this device's kind
     for name, target in plan.targets.items():
         recorder.attempt(Part(NO_MODEL, None, PROJECTED, name, None, unit),
-                         lambda: project_target(name, target, plan, recorder, unit), budgeted=False)
+                         partial(project_target, name, target, plan, recorder, unit), budgeted=False)
     atomic_write_json(stem.with_suffix(".json"), dict(manifest, finished=True, elapsed_s=round(recorder.elapsed(), 1)))
     report = write_reports(stem.with_suffix(".csv"))
     print(report.read_text(), flush=True)

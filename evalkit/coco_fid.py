@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from evalkit.errors import DatasetError
-from evalkit.manifest import PROJECT_ROOT
+from evalkit.paths import PROJECT_ROOT
 from evalkit.prompts import file_sha256
 from evalkit.store import atomic_write_bytes, atomic_write_json
 

@@ -7,16 +7,16 @@ import json
 import platform
 import subprocess
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from evalkit.paths import PROJECT_ROOT
 
 PACKAGES = [
     "evalkit", "torch", "torchvision", "diffusers", "transformers", "open_clip_torch", "torchmetrics", "lpips",
     "pytorch-fid", "hydra-core", "numpy", "pandas", "pillow",
 ]
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def package_versions() -> dict[str, str | None]:

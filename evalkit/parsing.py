@@ -34,7 +34,7 @@ DOWNLOAD_HINT = "python -m spacy download {model}"
 @functools.lru_cache(maxsize=2)
 def load_parser(model: str):
     """The spaCy pipeline `model`, loaded once per process (a model, not per-prompt state)."""
-    try:
+    try:  # spaCy is optional (the `parse` extra): only SynGen without given groups needs it
         import spacy
     except ImportError:
         raise ConfigError(f"spaCy is not installed: pip install evalkit[parse] && {DOWNLOAD_HINT.format(model=model)}") from None

@@ -3,37 +3,47 @@ and re-running a killed stage resumes it: generate (images into the store), scor
 
 from __future__ import annotations
 
-import os
-
-import json
 import logging
+import os
 import time
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from evalkit.errors import ConfigError, StoreError
-from evalkit.manifest import PROJECT_ROOT, config_hash, git_commit, hardware, package_versions
-from evalkit.models.loading import load_pipeline, model_revision, model_source, resolve_device
+from evalkit.manifest import config_hash, git_commit, hardware, package_versions
+from evalkit.models.loading import (
+    load_pipeline,
+    model_revision,
+    model_source,
+    resolve_device,
+)
+from evalkit.paths import config_file, project_path
 from evalkit.prompts import PromptSpec, TokenIndexer, file_sha256, load_prompt_set
-from evalkit.reporting.aggregate import SECONDS_METRIC
-from evalkit.reporting.completeness import SCORE_COLUMNS
+from evalkit.records import SCORE_COLUMNS, GenerationManifest, ScoringManifest
+from evalkit.reporting.aggregate import OVERHEAD_METRIC, SECONDS_METRIC
+from evalkit.reporting.completeness import (
+    Missing,
+    merge_tables,
+    missing_images,
+    missing_scores,
+    table_files,
+)
+from evalkit.reporting.paper_table import load_paper_table
+from evalkit.reporting.render import write_report
 from evalkit.sampling.diagnostics import missing_resolution
 from evalkit.sampling.loop import SamplingSettings, sample
-from evalkit.sampling.method import build_method
+from evalkit.sampling.method import METHODS
+from evalkit.scoring.base import SCORERS, ScoredImage, ScoredSet, preflight_scorer
 from evalkit.sharding import Shard, generation_batches, image_name
 from evalkit.store import ImageKey, ImageStore, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("evalkit")
-
-
-def project_path(path: str) -> Path:
-    """Relative paths in configs are relative to the project root, wherever the command runs."""
-    return Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -45,15 +55,6 @@ def _seeds(cfg: DictConfig) -> list[int]:
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(f"seeds must be a list of integers, got {seeds!r}")
     return seeds
-
-
-def method_config(name: str) -> DictConfig:
-    """`conf/method/<name>.yaml`: what an experiment's `methods` entry names (e.g. `sepen_tiny`, a method `sepen`)."""
-    path = PROJECT_ROOT / "conf" / "method" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(known)}")
-    return OmegaConf.load(path)
 
 
 def sampling_settings(cfg: DictConfig) -> SamplingSettings:
@@ -80,9 +81,10 @@ def _manifest_path(cfg: DictConfig, model: str, variant: str, dataset: str) -> P
     return run_dir(cfg) / "manifests" / f"{model}__{variant}__{dataset}.json"
 
 
-def read_manifests(cfg: DictConfig) -> list[dict]:
+def read_manifests(cfg: DictConfig) -> list[GenerationManifest]:
+    """The generation manifests of the experiment (a StoreError for one that lacks a key or has one unknown)."""
     folder = run_dir(cfg) / "manifests"
-    manifests = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    manifests = [GenerationManifest.read(p) for p in sorted(folder.glob("*.json"))]
     if not manifests:
         raise ConfigError(f"no generation has run for experiment {cfg.experiment_name!r} (nothing in {folder}); run `python -m evalkit generate` first")
     return manifests
@@ -99,8 +101,6 @@ def _check_creatable(folder: Path, key: str) -> None:
 
 def generate(cfg: DictConfig) -> None:
     """Generate every (prompt, seed) of this method that the store does not hold yet (this shard's share)."""
-    from evalkit.scoring.base import scorer_class
-
     seeds = _seeds(cfg)
     shard = Shard.parse(cfg.shard)
     batch = int(cfg.batch_size)
@@ -111,9 +111,8 @@ def generate(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset {cfg.dataset.name}: {dataset_path} does not exist; build it with `{cfg.dataset.build}`")
     specs = load_prompt_set(dataset_path, cfg.limit, cfg.dataset.get("exclude", ()))
     for scorer_cfg in cfg.scorers.values():  # what the scorers need of a prompt is checked before any model loads
-        for spec in specs:
-            scorer_class(scorer_cfg.name).check_prompt(spec)
-    method = build_method(OmegaConf.to_container(cfg.method, resolve=True))
+        preflight_scorer(OmegaConf.to_container(scorer_cfg, resolve=True), list(cfg.methods), specs)
+    method = METHODS.build(OmegaConf.to_container(cfg.method, resolve=True))
     method.configure_for_experiment(OmegaConf.to_container(cfg.scorers, resolve=True))
     store = ImageStore(project_path(cfg.store_root))
     _check_creatable(store.root, "store_root")  # before any model loads, not when the first image is written
@@ -126,27 +125,22 @@ def generate(cfg: DictConfig) -> None:
     indexer = TokenIndexer(pipe.tokenizer)
     diagnostics_resolution, diagnostics_skipped = _attention_diagnostics(cfg, pipe, settings)
     for spec in specs:  # every prompt's annotations are checked before any image is generated
-        method.check(spec, indexer)
+        method.preflight(spec, indexer)
         if diagnostics_resolution is not None and spec.subjects:
             indexer.subject_indices(spec)  # the diagnostics find each subject's tokens
-    for scorer_cfg in cfg.scorers.values():  # ... and what the scorers need of it
-        scorer_class(scorer_cfg.name).check_prompts(OmegaConf.to_container(scorer_cfg, resolve=True), specs)
 
     variant, identity = variant_of(cfg)
     model, dataset = cfg.model.name, cfg.dataset.name
     versions, commit = package_versions(), git_commit()
-    atomic_write_json(
-        _manifest_path(cfg, model, variant, dataset),
-        {
-            "stage": "generate", "experiment": cfg.experiment_name, "model": model, "method": method.name,
-            "variant": variant, "dataset": dataset, "dataset_path": str(cfg.dataset.path),
-            "dataset_version": cfg.dataset.version, "dataset_sha256": file_sha256(dataset_path),
-            "model_source": model_source(cfg.model),
-            "model_revision": model_revision(cfg.model), "seeds": seeds, "limit": cfg.limit,
-            "config": OmegaConf.to_container(cfg, resolve=True), "identity": identity,
-            "versions": versions, "git_commit": commit, "hardware": hardware(device),
-        },
+    manifest = GenerationManifest(
+        experiment=cfg.experiment_name, model=model, method=method.name, variant=variant, dataset=dataset,
+        dataset_path=str(cfg.dataset.path), dataset_version=cfg.dataset.version,
+        dataset_sha256=file_sha256(dataset_path), model_source=model_source(cfg.model),
+        model_revision=model_revision(cfg.model), seeds=seeds, limit=cfg.limit,
+        config=OmegaConf.to_container(cfg, resolve=True), identity=identity,
+        versions=versions, git_commit=commit, hardware=hardware(device),
     )
+    atomic_write_json(_manifest_path(cfg, model, variant, dataset), manifest.to_dict())
 
     # This shard's batches (evalkit/sharding.py). The unit of work is a batch as an uninterrupted run forms it: an
     # image's last bits depend on the size of its batch (BLAS), so a resumed run regenerates each unfinished batch
@@ -175,7 +169,7 @@ def generate(cfg: DictConfig) -> None:
 
     # Warm-up outside the timings: first calls pay for lazy initialisation and kernel selection.
     warm = SamplingSettings(2, settings.guidance_scale, settings.height, settings.width, settings.eta)
-    sample(pipe, build_method({"name": "vanilla"}), todo[0][0], seeds[:1], warm, indexer)
+    sample(pipe, METHODS.build({"name": "vanilla"}), todo[0][0], seeds[:1], warm, indexer)
 
     base_record = {
         "model": model, "model_revision": model_revision(cfg.model), "method": method.name, "variant": variant,
@@ -185,11 +179,9 @@ def generate(cfg: DictConfig) -> None:
     }
     with tqdm(total=to_generate, desc=f"generate {variant}", unit="img") as progress:
         for spec, chunk in todo:
-            result = method.sample_images(
-                lambda seeds: sample(pipe, method, spec, seeds, settings, indexer, cuda_graphs=bool(cfg.cuda_graphs),
-                                     attention_diagnostics=diagnostics_resolution),
-                spec, chunk,
-            )
+            sample_call = partial(sample, pipe, method, spec, settings=settings, indexer=indexer,
+                                  cuda_graphs=bool(cfg.cuda_graphs), attention_diagnostics=diagnostics_resolution)
+            result = method.sample_images(sample_call, spec, chunk)
             for j, (seed, image, failed) in enumerate(zip(chunk, result.images, result.failed_step)):
                 record = dict(
                     base_record, prompt_id=spec.id, prompt=spec.prompt, seed=seed,
@@ -224,8 +216,8 @@ def _scores_folder(cfg: DictConfig, scorer_key: str) -> Path:
     return run_dir(cfg) / "scores" / scorer_key
 
 
-def _scores_stem(manifest: dict) -> str:
-    return f"{manifest['model']}__{manifest['variant']}__{manifest['dataset']}"
+def _scores_stem(manifest: GenerationManifest) -> str:
+    return f"{manifest.model}__{manifest.variant}__{manifest.dataset}"
 
 
 def _table_is_current(path: Path, scorer_name: str, wanted: list[tuple[str, int]]) -> bool:
@@ -245,17 +237,17 @@ def _scoring_manifest_path(cfg: DictConfig, scorer_key: str) -> Path:
     return run_dir(cfg) / "scores" / scorer_key / "manifest.json"
 
 
-def read_scoring_manifests(cfg: DictConfig) -> list[dict]:
+def read_scoring_manifests(cfg: DictConfig) -> list[ScoringManifest]:
     """The manifests of the configured scorers that have scored (the checkpoints behind the numbers)."""
     paths = [_scoring_manifest_path(cfg, key) for key in cfg.scorers]
-    return [json.loads(path.read_text()) for path in paths if path.is_file()]
+    return [ScoringManifest.read(path) for path in paths if path.is_file()]
 
 
-def _scoreable(store: ImageStore, manifest: dict, needs_images: bool) -> tuple[dict[ImageKey, dict], list[str]]:
+def _scoreable(store: ImageStore, manifest: GenerationManifest, needs_images: bool) -> tuple[dict[ImageKey, dict], list[str]]:
     """The records a scorer gets for one generated set (with images: the successful ones), and the damaged items of
     the set by path (unreadable records, images without records)."""
     records, damaged = {}, []
-    for key in store.keys(manifest["model"], manifest["variant"], manifest["dataset"]):
+    for key in store.keys(manifest.model, manifest.variant, manifest.dataset):
         try:
             record = store.read_record(key)
         except StoreError as error:
@@ -263,7 +255,7 @@ def _scoreable(store: ImageStore, manifest: dict, needs_images: bool) -> tuple[d
             continue
         if record.get("status") == "ok" or not needs_images:
             records[key] = record
-    orphans = store.orphan_images(manifest["model"], manifest["variant"], manifest["dataset"])
+    orphans = store.orphan_images(manifest.model, manifest.variant, manifest.dataset)
     damaged += [f"{path}: image without its record" for path in orphans]
     return records, damaged
 
@@ -274,12 +266,35 @@ def _warn_damaged(scorer_key: str, damaged: list[str]) -> None:
                     scorer_key, len(damaged), "\n  ".join(damaged))
 
 
+class _StoredItems:
+    """One set's items for a scorer, each image read from the store only when the scorer reaches it (a set's
+    images are never all in memory); an image that cannot be read is skipped and its error added to `damaged`."""
+
+    def __init__(self, store: ImageStore, records: dict[ImageKey, dict], specs: dict[str, PromptSpec],
+                 needs_images: bool, damaged: list[str]):
+        self.store, self.records, self.specs, self.needs_images, self.damaged = store, records, specs, needs_images, damaged
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[ScoredImage]:
+        for key, record in self.records.items():
+            image = None
+            if self.needs_images:
+                try:
+                    image = self.store.read_image(key)
+                except StoreError as error:
+                    self.damaged.append(str(error))
+                    continue
+            spec = self.specs[key.prompt_id]
+            yield ScoredImage(key.model, key.method, key.variant, key.dataset, key.prompt_id, key.seed, spec.prompt,
+                              spec.subjects, image, record)
+
+
 def score(cfg: DictConfig) -> None:
     """Score every generated variant of the experiment with every configured scorer (this shard's share: its images,
     or for a set-level scorer its whole sets; evalkit/sharding.py); finished tables are kept. Damaged store items
     are skipped and listed by path (the next `generate` regenerates them)."""
-    from evalkit.scoring.base import ScoredImage, ScoredSet, build_scorer
-
     shard = Shard.parse(cfg.shard)
     store = ImageStore(project_path(cfg.store_root))
     device = resolve_device(cfg.device)
@@ -287,12 +302,10 @@ def score(cfg: DictConfig) -> None:
     versions, commit = package_versions(), git_commit()
     for scorer_key, scorer_cfg in cfg.scorers.items():
         config = OmegaConf.to_container(scorer_cfg, resolve=True)
-        scorer = build_scorer(config, device)
-        atomic_write_json(
-            _scoring_manifest_path(cfg, scorer_key),
-            {"stage": "score", "experiment": cfg.experiment_name, "scorer_key": scorer_key, "scorer": scorer.name,
-             "config": config, "versions": versions, "git_commit": commit, "hardware": hardware(device)},
-        )
+        scorer = SCORERS.build(config, device)
+        scoring = ScoringManifest(experiment=cfg.experiment_name, scorer_key=scorer_key, scorer=scorer.provenance,
+                                  config=config, versions=versions, git_commit=commit, hardware=hardware(device))
+        atomic_write_json(_scoring_manifest_path(cfg, scorer_key), scoring.to_dict())
         for manifest in manifests:
             records, damaged = _scoreable(store, manifest, scorer.needs_images)
             if scorer.set_level:
@@ -303,28 +316,13 @@ def score(cfg: DictConfig) -> None:
                 records = {key: record for key, record in records.items() if shard.owns(image_name(key.prompt_id, key.seed))}
                 out = _scores_folder(cfg, scorer_key) / f"{_scores_stem(manifest)}{shard.part_suffix}.csv"
             wanted = sorted((k.prompt_id, k.seed) for k in records)
-            if out.is_file() and _table_is_current(out, scorer.name, wanted):
+            if out.is_file() and _table_is_current(out, scorer.provenance, wanted):
                 _warn_damaged(scorer_key, damaged)
                 continue
-            specs = {s.id: s for s in load_prompt_set(project_path(manifest["dataset_path"]))}
+            specs = {s.id: s for s in load_prompt_set(project_path(manifest.dataset_path))}
             scorer.reset()
             scorer.begin_set(ScoredSet(manifest, manifests, store))
-            items = []
-            for key, record in tqdm(records.items(), desc=f"{scorer_key} {manifest['variant']}", unit="img"):
-                image = None
-                if scorer.needs_images:
-                    try:
-                        image = store.read_image(key)
-                    except StoreError as error:
-                        damaged.append(str(error))
-                        continue
-                spec = specs[key.prompt_id]
-                items.append(ScoredImage(key.model, key.method, key.variant, key.dataset, key.prompt_id, key.seed, spec.prompt, spec.subjects, image, record))
-                if len(items) >= int(scorer_cfg.get("batch_size", 32)):
-                    scorer.update(items)
-                    items = []
-            if items:
-                scorer.update(items)
+            scorer.update(_StoredItems(store, records, specs, scorer.needs_images, damaged))  # it batches them
             _warn_damaged(scorer_key, damaged)
             computed = scorer.compute()
             # No images (all failed, or none in this shard): the empty table still records that the part ran.
@@ -332,29 +330,9 @@ def score(cfg: DictConfig) -> None:
             atomic_write_bytes(out, rows.to_csv(index=False).encode())
 
 
-def paper_table(cfg: DictConfig):
-    """The published table `paper_table` names, with its cells read from `reports/references/`, or None."""
-    from evalkit.reporting.render import PaperTable
-
-    paper = cfg.get("paper_table")
-    if paper is None:
-        return None
-    protocol = OmegaConf.to_container(paper.protocol, resolve=True) if paper.get("protocol") is not None else None
-    if paper.cells is None:
-        return PaperTable(paper.title, None, paper.not_available, protocol)
-    cells = pd.read_csv(project_path(paper.cells), dtype={"paper_text": str, "table": str})
-    cells = cells[cells["table"] == str(paper.table)]
-    if cells.empty:
-        raise ConfigError(f"paper_table: {paper.cells} has no cells of table {paper.table}")
-    return PaperTable(paper.title, cells, protocol=protocol)
-
-
 def headline_metrics(cfg: DictConfig) -> list[str]:
     """The metrics of the report's first table: `headline_metrics`, or each configured scorer's first metric."""
-    from evalkit.reporting.render import OVERHEAD_METRIC
-    from evalkit.scoring.base import scorer_class
-
-    scorer_metrics = [list(scorer_class(c.name).metrics) for c in cfg.scorers.values()]
+    scorer_metrics = [list(SCORERS[c.name].metrics) for c in cfg.scorers.values()]
     if cfg.get("headline_metrics") is None:
         return [metrics[0] for metrics in scorer_metrics]
     # The overhead is computed from seconds per image, which the overhead scorer records.
@@ -385,26 +363,22 @@ def _generation_wanted(cfg: DictConfig, dataset: str, dataset_path: str) -> set[
 
 def report(cfg: DictConfig) -> Path:
     """Aggregate whatever is scored into `reports/<experiment>/` and say what is missing (in the log and the report)."""
-    from evalkit.reporting.completeness import Missing, merge_tables, missing_images, missing_scores, table_files
-    from evalkit.reporting.render import write_report
-    from evalkit.scoring.base import scorer_class
-
     store = ImageStore(project_path(cfg.store_root))
     manifests = read_manifests(cfg)
     records, images, tables, missing, damaged = [], [], [], [], []
-    for method in (method_config(name).name for name in cfg.methods):
-        if not any(manifest["method"] == method for manifest in manifests):
+    for method in (config_file("method", name).name for name in cfg.methods):
+        if not any(manifest.method == method for manifest in manifests):
             wanted = len(_generation_wanted(cfg, cfg.dataset.name, cfg.dataset.path))
             missing.append(Missing(cfg.model.name, method, cfg.dataset.name, "generate", wanted, wanted,
                                    "the experiment lists this method; none of its images is generated"))
     subsets: dict[str, dict[str, Any]] = {}  # per prompt set file, prompt id -> its subset (for the breakdown)
     for manifest in manifests:
-        set_id = (manifest["model"], manifest["variant"], manifest["dataset"])
+        set_id = (manifest.model, manifest.variant, manifest.dataset)
         generated, scorable = set(), set()
-        if manifest["dataset_path"] not in subsets:
-            specs = load_prompt_set(project_path(manifest["dataset_path"]))
-            subsets[manifest["dataset_path"]] = {spec.id: spec.extra.get("subset") for spec in specs}
-        prompt_subsets = subsets[manifest["dataset_path"]]
+        if manifest.dataset_path not in subsets:
+            specs = load_prompt_set(project_path(manifest.dataset_path))
+            subsets[manifest.dataset_path] = {spec.id: spec.extra.get("subset") for spec in specs}
+        prompt_subsets = subsets[manifest.dataset_path]
         readable, unreadable = _scoreable(store, manifest, needs_images=False)
         damaged += unreadable
         for key, record in readable.items():
@@ -423,13 +397,13 @@ def report(cfg: DictConfig) -> Path:
                 scorable.add((key.prompt_id, key.seed))
             else:
                 damaged.append(problem)
-        wanted = _generation_wanted(cfg, manifest["dataset"], manifest["dataset_path"])
+        wanted = _generation_wanted(cfg, manifest.dataset, manifest.dataset_path)
         missing.append(missing_images(set_id, "generate", wanted, generated))
         for scorer_key, scorer_cfg in cfg.scorers.items():
             files = table_files(_scores_folder(cfg, scorer_key), _scores_stem(manifest))
             scores = merge_tables(files)
             tables.append(scores)
-            set_level = scorer_class(scorer_cfg.name).set_level
+            set_level = SCORERS[scorer_cfg.name].set_level
             missing.append(missing_scores(set_id, scorer_key, set_level, files, scores, scorable))
     missing = [entry for entry in missing if entry is not None]
     for entry in missing:
@@ -437,12 +411,13 @@ def report(cfg: DictConfig) -> Path:
     if damaged:
         log.warning("the report leaves out %d damaged items of the store (re-run generate, then score):\n  %s",
                     len(damaged), "\n  ".join(damaged))
-    metric_info = {m: up for c in cfg.scorers.values() for m, up in scorer_class(c.name).metrics.items()}
+    metric_info = {m: up for c in cfg.scorers.values() for m, up in SCORERS[c.name].metrics.items()}
     present = [table for table in tables if not table.empty]
     scores = pd.concat(present, ignore_index=True) if present else pd.DataFrame(columns=SCORE_COLUMNS)
     out_dir = project_path(cfg.report_dir)
-    index = write_report(out_dir, cfg.title, scores, pd.DataFrame(records), manifests + read_scoring_manifests(cfg),
-                         pd.DataFrame(images), cfg.get("notice"), metric_info, paper_table(cfg), missing=missing,
+    manifest_dicts = [manifest.to_dict() for manifest in [*manifests, *read_scoring_manifests(cfg)]]
+    index = write_report(out_dir, cfg.title, scores, pd.DataFrame(records), manifest_dicts,
+                         pd.DataFrame(images), cfg.get("notice"), metric_info, load_paper_table(cfg), missing=missing,
                          timing_note=cfg.get("timing_note"), headline_metrics=headline_metrics(cfg))
     print(f"report written: {index} (and {out_dir / 'README.md'})")
     return index

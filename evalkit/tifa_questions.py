@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from evalkit.errors import DatasetError
-from evalkit.manifest import PROJECT_ROOT
+from evalkit.paths import PROJECT_ROOT
 from evalkit.store import atomic_write_bytes
 
 COMMIT = "8e37050f44ab4ee681e4251f3c8a9d4cc86e901e"

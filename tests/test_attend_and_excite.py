@@ -8,16 +8,18 @@ from diffusers.models.attention_processor import AttnProcessor
 from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite.pipeline_stable_diffusion_attend_and_excite import (
     GaussianSmoothing,
 )
-from omegaconf import OmegaConf
 
-from evalkit.errors import PromptError
-from evalkit.manifest import PROJECT_ROOT
+from evalkit.methods.attend_and_excite import (
+    AttendAndExcite,
+    attend_and_excite_loss,
+    subject_maxima,
+)
 from evalkit.models.loading import load_pipeline
+from evalkit.paths import config_file
 from evalkit.prompts import PromptSpec
 from evalkit.sampling.loop import SamplingSettings, sample
-from evalkit.sampling.method import build_method
+from evalkit.sampling.method import METHODS
 from evalkit.sampling.smoothing import gaussian_kernel, smooth
-from methods.attend_and_excite import AttendAndExcite, attend_and_excite_loss, subject_maxima
 from tests.conftest import TINY
 
 SPEC = PromptSpec("p", "a cat and a dog", ("cat", "dog"))  # cat -> 2, dog -> 5
@@ -172,7 +174,7 @@ def test_refinement_stops_per_image_and_equals_each_image_alone():
 def _vanilla_latents_after(index: int) -> torch.Tensor:
     latents = {}
     pipe = load_pipeline(TINY, torch.device("cpu"))
-    sample(pipe, build_method({"name": "vanilla"}), SPEC, [0], SETTINGS, on_step=lambda i, t, z: latents.__setitem__(i, z))
+    sample(pipe, METHODS.build({"name": "vanilla"}), SPEC, [0], SETTINGS, on_step=lambda i, t, z: latents.__setitem__(i, z))
     return latents[index]
 
 
@@ -216,31 +218,11 @@ def test_loss_is_one_minus_the_weakest_subjects_peak():
 
 
 def test_config_file_gives_the_paper_defaults_with_integer_loop_indices():
-    config = OmegaConf.load(PROJECT_ROOT / "conf" / "method" / "attend_and_excite.yaml")
-    method = build_method(config)
+    config = config_file("method", "attend_and_excite")
+    method = METHODS.build(config)
     assert method == AttendAndExcite()
     assert method.thresholds == {0: 0.05, 10: 0.5, 20: 0.8}
     assert AttendAndExcite(thresholds={"0": 0.05}).thresholds == {0: 0.05}
-
-
-def _count_unet_calls(pipe) -> list:
-    calls = []
-    pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
-    return calls
-
-
-def test_prompt_without_subjects_fails_before_any_unet_call(tiny_pipe):
-    calls = _count_unet_calls(tiny_pipe)
-    with pytest.raises(PromptError, match="a cat and a dog"):
-        sample(tiny_pipe, AttendAndExcite(), PromptSpec("p", "a cat and a dog"), [0], SETTINGS)
-    assert calls == []
-
-
-def test_subject_not_in_prompt_fails_before_any_unet_call(tiny_pipe):
-    calls = _count_unet_calls(tiny_pipe)
-    with pytest.raises(PromptError, match="bird"):
-        sample(tiny_pipe, AttendAndExcite(), PromptSpec("p", "a cat and a dog", ("cat", "bird")), [0], SETTINGS)
-    assert calls == []
 
 
 def test_without_guided_steps_it_is_vanilla_bit_for_bit(tiny_pipe):

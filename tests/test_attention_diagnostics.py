@@ -8,13 +8,25 @@ import torch
 
 from evalkit.errors import ConfigError
 from evalkit.prompts import PromptSpec
-from evalkit.reporting.diagnostics import _outcome_table, _long_frame, diagnostics_sections
+from evalkit.reporting.diagnostics import (
+    _long_frame,
+    _outcome_table,
+    diagnostics_sections,
+)
 from evalkit.reporting.render import VariantLabels
-from evalkit.sampling.attention import AttentionHooks, CrossAttentionRecorder, layers_at_resolution
+from evalkit.sampling.attention import (
+    AttentionHooks,
+    CrossAttentionRecorder,
+    layers_at_resolution,
+)
 from evalkit.sampling.attention_guidance import subject_maxima, token_maps
-from evalkit.sampling.diagnostics import SMOOTHING_KERNEL_SIZE, SMOOTHING_SIGMA, soft_overlap
+from evalkit.sampling.diagnostics import (
+    SMOOTHING_KERNEL_SIZE,
+    SMOOTHING_SIGMA,
+    soft_overlap,
+)
 from evalkit.sampling.loop import SamplingSettings, sample
-from evalkit.sampling.method import Method, build_method
+from evalkit.sampling.method import METHODS, Method
 from evalkit.sampling.smoothing import gaussian_kernel
 
 SETTINGS = SamplingSettings(num_inference_steps=2, guidance_scale=7.5, height=128, width=128)
@@ -33,8 +45,8 @@ def test_soft_overlap_is_separate_and_enhances_term_and_zero_where_both_maps_are
     {"name": "attend_and_excite", "thresholds": {}},
 ])
 def test_recording_leaves_the_images_bit_for_bit_unchanged(tiny_pipe, config):
-    plain = sample(tiny_pipe, build_method(config), SPEC, [0, 1], SETTINGS)
-    observed = sample(tiny_pipe, build_method(config), SPEC, [0, 1], SETTINGS, attention_diagnostics=16)
+    plain = sample(tiny_pipe, METHODS.build(config), SPEC, [0, 1], SETTINGS)
+    observed = sample(tiny_pipe, METHODS.build(config), SPEC, [0, 1], SETTINGS, attention_diagnostics=16)
     assert torch.equal(plain.latents, observed.latents)
     assert [image.tobytes() for image in plain.images] == [image.tobytes() for image in observed.images]
     assert plain.attention_diagnostics is None and plain.attention_diagnostics_skipped == "not requested"
@@ -82,16 +94,16 @@ def test_peaks_and_overlaps_are_those_of_attend_and_excites_maps(tiny_pipe):
 
 
 def test_without_a_guided_forward_or_subjects_there_are_none_and_the_record_says_why(tiny_pipe):
-    composable = sample(tiny_pipe, build_method({"name": "composable_diffusion"}), SPEC, [0], SETTINGS, attention_diagnostics=16)
+    composable = sample(tiny_pipe, METHODS.build({"name": "composable_diffusion"}), SPEC, [0], SETTINGS, attention_diagnostics=16)
     assert composable.attention_diagnostics is None
     assert "never ran the prompt's own conditional embedding" in composable.attention_diagnostics_skipped
-    no_subjects = sample(tiny_pipe, build_method({"name": "vanilla"}), PromptSpec("q", "a cat"), [0], SETTINGS, attention_diagnostics=16)
+    no_subjects = sample(tiny_pipe, METHODS.build({"name": "vanilla"}), PromptSpec("q", "a cat"), [0], SETTINGS, attention_diagnostics=16)
     assert no_subjects.attention_diagnostics is None and no_subjects.attention_diagnostics_skipped == "the prompt lists no subjects"
 
 
 def test_a_resolution_the_model_lacks_is_one_config_error(tiny_pipe):
     with pytest.raises(ConfigError, match=r"no 12x12 cross-attention layers .*its maps are 8x8, 16x16, 32x32, 64x64"):
-        sample(tiny_pipe, build_method({"name": "vanilla"}), SPEC, [0], SETTINGS, attention_diagnostics=12)
+        sample(tiny_pipe, METHODS.build({"name": "vanilla"}), SPEC, [0], SETTINGS, attention_diagnostics=12)
     assert not any(type(p).__name__ == "ExplicitAttnProcessor" for p in tiny_pipe.unet.attn_processors.values())
 
 

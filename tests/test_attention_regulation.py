@@ -4,17 +4,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from evalkit.errors import ConfigError, PromptError
-from evalkit.manifest import PROJECT_ROOT
-from evalkit.models.loading import set_scheduler
-from evalkit.prompts import PromptSpec
-from evalkit.sampling.attention import ExplicitAttnProcessor
-from evalkit.sampling.loop import SamplingSettings, sample
-from evalkit.sampling.method import build_method
-from methods.attention_regulation import (
+from evalkit.errors import ConfigError
+from evalkit.methods.attention_regulation import (
     AttentionRegulation,
     AttentionRegulationHook,
     gaussian_basis,
@@ -22,6 +15,12 @@ from methods.attention_regulation import (
     quantile_error,
     regulation_loss,
 )
+from evalkit.models.loading import set_scheduler
+from evalkit.paths import config_file
+from evalkit.prompts import PromptSpec
+from evalkit.sampling.attention import ExplicitAttnProcessor
+from evalkit.sampling.loop import SamplingSettings, sample
+from evalkit.sampling.method import METHODS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "attention_regulation" / "official.safetensors"
 SPEC = PromptSpec("p", "a cat and a dog", subjects=("cat", "dog"))  # targets 2, 5; first end token 6
@@ -59,7 +58,7 @@ def _official_scheduler(pipe):
 
 @pytest.mark.parametrize("experiment", ["ar_table1", "ar_table2_fid", "ar_table3_models"])
 def test_the_ar_experiments_sample_with_the_scheduler_the_official_run_had(experiment):
-    sampling = OmegaConf.load(PROJECT_ROOT / "conf" / "experiment" / f"{experiment}.yaml").sampling
+    sampling = config_file("experiment", experiment).sampling
     assert sampling.scheduler == "dpm_solver" and dict(sampling.scheduler_options) == AR_SCHEDULER_OPTIONS
 
 
@@ -134,7 +133,14 @@ def _noise_generator(seed):
 
 def test_one_layer_edit_equals_the_official_edit(golden):
     """The official edit of the first regulated layer at loop indices 0 and 1 (the second averages with the first's
-    optimum), given the same logits and random stream. Non-target logits are only rounded to float16."""
+    optimum), given the same logits and random stream. Non-target logits are only rounded to float16.
+
+    Measured here: 0.0, with one thread and with two (outputs up to 8.6 in magnitude). The bound allows what float32
+    rounding can do on another CPU: with the input logits changed by 1e-7 or 1e-6 (relative, random signs, three
+    draws each) at most 0.7% of the target logits moved, each by one float16 step (<= 3.9e-3 = 2^-8, the spacing at
+    4..8). A wrong method moves almost all of them: the moving average 0.24 instead of 0.25 98% of them, by up to
+    0.11; decay 0.98 for 0.99 99% at index 1; lr 99, weights 79 or 0.089, quantile 0.89 or mu 0.21 over 98.5%, by
+    3.6 to 8.6. (The old bound, 1e-2 on the maximum, let any change smaller than that through.)"""
     generator = _noise_generator(0)
     hook = _layer_hook(AttentionRegulation(edit_steps=EDIT_STEPS), [generator])
     for step in (0, 1):
@@ -143,9 +149,10 @@ def test_one_layer_edit_equals_the_official_edit(golden):
             hook.begin_step(step)
         edited = hook.edit_logits(LAYER, logits.clone(), is_cross=True)
         expected = golden[f"layer_step{step}_edited_targets"].float()
-        difference = (edited[..., TARGETS] - expected).abs().max().item()
-        print(f"step {step}: max |ours - official| = {difference}")
-        assert difference <= 1e-2, f"step {step}: max |ours - official| = {difference}"  # measured: 0.0
+        differences = (edited[..., TARGETS] - expected).abs()
+        difference, moved = differences.max().item(), (differences > 0).float().mean().item()
+        print(f"step {step}: max |ours - official| = {difference}, in {moved:.2%} of the target logits")
+        assert difference <= 2**-8 and moved <= 0.01, f"step {step}: max {difference}, in {moved:.2%} of the targets"
         others = [c for c in range(77) if c not in TARGETS]
         assert torch.equal(edited[..., others], logits[..., others].half().float())
         assert (edited[..., TARGETS] - logits[..., TARGETS]).abs().max() > 0.1
@@ -234,36 +241,20 @@ def test_hooks_recompute_through_the_last_edit_step_then_go(tiny_pipe):
     ours = sample(tiny_pipe, AttentionRegulation(edit_steps=0), SPEC, [0], settings, on_step=count_hooked).latents
     assert hooked == [5, 0]  # 2 cross-attention layers in down_blocks.2, 3 in up_blocks.1
     assert tiny_pipe.unet.attn_processors == processors
-    vanilla = sample(tiny_pipe, build_method({"name": "vanilla"}), SPEC, [0], settings).latents
+    vanilla = sample(tiny_pipe, METHODS.build({"name": "vanilla"}), SPEC, [0], settings).latents
     # Explicit against fused attention at index 0: measured 1.5e-4 of latents up to 70.
     assert (ours - vanilla).abs().max() <= 1e-5 * vanilla.abs().max()
 
 
 def test_config_file_gives_the_official_defaults():
-    config = OmegaConf.load(PROJECT_ROOT / "conf" / "method" / "attention_regulation.yaml")
-    assert build_method(config) == AttentionRegulation()
+    config = config_file("method", "attention_regulation")
+    assert METHODS.build(config) == AttentionRegulation()
 
 
-def _count_unet_calls(pipe) -> list:
-    calls = []
-    pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
-    return calls
-
-
-def test_prompt_without_targets_fails_before_any_unet_call(tiny_pipe):
-    calls = _count_unet_calls(tiny_pipe)
-    with pytest.raises(PromptError, match=r"attention_regulation needs subjects for prompt 'q' \('a cat and a dog'\)"):
-        sample(tiny_pipe, AttentionRegulation(), PromptSpec("q", "a cat and a dog"), [0], SETTINGS)
-    with pytest.raises(PromptError, match="'q'.*'bird'"):
-        sample(tiny_pipe, AttentionRegulation(), PromptSpec("q", "a cat and a dog", ("cat", "bird")), [0], SETTINGS)
-    assert calls == []
-
-
-def test_maps_too_small_for_the_basis_fail_before_any_unet_call(tiny_pipe):
-    calls = _count_unet_calls(tiny_pipe)
+def test_maps_too_small_for_the_basis_fail_before_any_unet_call(tiny_pipe, unet_calls):
     small = SamplingSettings(num_inference_steps=1, guidance_scale=7.5, height=64, width=64)  # 8x8 maps there
     with pytest.raises(ConfigError, match="down_blocks.2.*8x8.*at least 16x16"):
         sample(tiny_pipe, AttentionRegulation(), SPEC, [0], small)
     with pytest.raises(ConfigError, match="no cross-attention layers in \\['mid_blocks.0'\\]"):
         sample(tiny_pipe, AttentionRegulation(layers=["mid_blocks.0"]), SPEC, [0], SETTINGS)
-    assert calls == []
+    assert unet_calls == []

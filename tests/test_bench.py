@@ -10,14 +10,14 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from evalkit import bench
 from evalkit.bench import ROW_COLUMNS, Work, project, run_bench, write_reports
 from evalkit.errors import ConfigError, MissingWeightsError
-from evalkit.manifest import PROJECT_ROOT
-from methods.composable_diffusion import ComposableDiffusion
+from evalkit.methods.composable_diffusion import ComposableDiffusion
+from evalkit.paths import PROJECT_ROOT, config_file, config_names
+from tests.conftest import compose_config
 
 CPU_TINY = ["device=cpu", "models=[tiny]", "model_runs.tiny.steps=1", "model_runs.tiny.batch_sizes=all",
             "generation_batch=2", "scoring.cpu.scorers.lpips.images=2"]
@@ -26,8 +26,7 @@ CPU_TINY = ["device=cpu", "models=[tiny]", "model_runs.tiny.steps=1", "model_run
 def bench_config(tmp_path, *overrides):
     """conf/bench.yaml with these overrides, composed as the command line composes it; no projections (they have a
     test of their own)."""
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("bench", overrides=[f"out_dir={tmp_path}", *CPU_TINY, *overrides])
+    cfg = compose_config([f"out_dir={tmp_path}", *CPU_TINY, *overrides], config_name="bench")
     OmegaConf.update(cfg, "reproduce.targets", {}, merge=False)
     return cfg
 
@@ -40,6 +39,7 @@ def measured(table, measure):
     return table[(table.measure == measure) & table.value.notna()]
 
 
+@pytest.mark.slow
 def test_bench_measures_every_figure_and_writes_its_report(tmp_path):
     cfg = bench_config(tmp_path, "methods=[vanilla,composable_diffusion]", "+official_batch.composable_diffusion=3",
                        "scorers=[clip]", "scoring.cpu.scorers.clip.images=4")
@@ -83,18 +83,19 @@ def test_profile_writes_the_top_ops_and_counts_host_synchronisations(tmp_path):
     assert "Self CPU" in (tmp_path / "profile-tiny-vanilla.txt").read_text()
 
 
+@pytest.mark.slow
 def test_a_failing_part_becomes_a_row_and_the_rest_runs(tmp_path, monkeypatch):
-    real_build_scorer = bench.build_scorer
+    real_build = bench.SCORERS.build
 
     def build_scorer(config, device):
         if config["name"] == "clip":
             raise MissingWeightsError("scorer clip: weights for ViT-B-16 are not in the local cache\nsecond line")
-        return real_build_scorer(config, device)
+        return real_build(config, device)
 
     def out_of_memory(self, run):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
 
-    monkeypatch.setattr(bench, "build_scorer", build_scorer)
+    monkeypatch.setattr(bench.SCORERS, "build", build_scorer)
     monkeypatch.setattr(ComposableDiffusion, "setup", out_of_memory)
     cfg = bench_config(tmp_path, "methods=[vanilla,composable_diffusion,dense_diffusion]", "batch_sizes=[1]",
                        "scorers=[clip,lpips]", "scoring.cpu.scorers.clip.images=2")
@@ -138,7 +139,7 @@ def test_a_spent_time_budget_leaves_not_run_rows(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("methods=[vanilla,no_such_method]", "bench: unknown method 'no_such_method'; known: "),
-    ("models=[sd99]", "bench: unknown model 'sd99'; known: sd2_base_random, sd15_random, tiny"),
+    ("models=[sd99]", "bench: unknown model 'sd99'; known: sd15_random, sd2_base_random, tiny"),
     ("scorers=[clip,nope]", "bench: unknown scorer on cpu 'nope'; known: "),
     ("batch_sizes=[1,0]", "bench: every batch_sizes entry must be a positive integer, got 0"),
 ])
@@ -149,13 +150,14 @@ def test_a_bad_name_is_one_config_error_before_any_model_loads(tmp_path, monkeyp
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_the_command_line_prints_a_bad_name_as_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "evalkit", "bench", "methods=[nope]", f"out_dir={tmp_path}"],
                             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert [line for line in result.stderr.splitlines() if line.startswith("evalkit:")] == [
         "evalkit: error: bench: unknown method 'nope'; known: " + ", ".join(
-            sorted(path.stem for path in (PROJECT_ROOT / "conf" / "method").glob("*.yaml")))]
+            config_names("method"))]
 
 
 def _table(*rows):
@@ -208,7 +210,7 @@ def test_projection_counts_each_reproduce_target_as_the_makefile_runs_it():
     targets = re.search(r"REPRODUCE_TARGETS :=((?:.*\\\n)*.*)", makefile).group(1).replace("\\\n", " ").split()
     assert list(cfg.targets) == targets
     works = bench.target_works(cfg.targets["reproduce-ar-table1"], dict(cfg.built_dataset_sizes))
-    batch = OmegaConf.load(PROJECT_ROOT / "conf" / "experiment" / "ar_table1.yaml").batch_size
+    batch = config_file("experiment", "ar_table1").batch_size
     assert [(w.method, w.images, w.timed_as, w.batch, w.generated, w.scorers)
             for w in works if w.run.endswith("attend_and_excite")] == [
         *((method, 276 * 10, "sd2_base_random", batch, True, ("clip", "owlv2", "lpips"))
@@ -218,7 +220,7 @@ def test_projection_counts_each_reproduce_target_as_the_makefile_runs_it():
         ("vanilla", 276 * 10, "sd2_base_random", batch, False, ("clip", "owlv2", "lpips"))]
     fid = bench.target_works(cfg.targets["reproduce-sepen-fid"], dict(cfg.built_dataset_sizes))
     assert [(w.method, w.images, w.timed_as, w.generated) for w in fid] == [
-        ("vanilla", 3000, "sd15_random", True), ("vanilla", 3000, "sd15_random", True)]  # sepen samples as vanilla
+        ("vanilla", 3000, "sd15_random", True), ("vanilla", 3000, "sd15_random", True)]  # separate_and_enhance samples as vanilla
 
 
 def test_shipped_config_names_each_models_devices():

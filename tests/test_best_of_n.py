@@ -1,4 +1,4 @@
-"""best_of_n (methods/best_of_n.py): n plain samples per (prompt, seed), the verifier's best kept."""
+"""best_of_n (evalkit/methods/best_of_n.py): n plain samples per (prompt, seed), the verifier's best kept."""
 
 import json
 import math
@@ -9,23 +9,23 @@ import torch
 from omegaconf import OmegaConf
 
 from evalkit.errors import ConfigError
-from evalkit.manifest import PROJECT_ROOT
+from evalkit.methods.best_of_n import BestOfN, best_candidate, candidate_seed
+from evalkit.paths import config_file
 from evalkit.prompts import PromptSpec
 from evalkit.sampling.loop import SamplingSettings, sample
-from evalkit.sampling.method import build_method
-from evalkit.scoring.base import ScoredImage, build_scorer
-from methods.best_of_n import BestOfN, best_candidate, candidate_seed
+from evalkit.sampling.method import METHODS
+from evalkit.scoring.base import SCORERS, ScoredImage
 from tests.test_cli import evalkit
 
 SETTINGS = SamplingSettings(num_inference_steps=2, guidance_scale=7.5, height=128, width=128)
 SPEC = PromptSpec("p", "a cat and a dog", ("cat", "dog"))
-SCORERS = {"clip": OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "scorer" / "clip_tiny.yaml")),
-           "overhead": {"name": "overhead"}, "fid": {"name": "fid"}}
+EXPERIMENT_SCORERS = {"clip": OmegaConf.to_container(config_file("scorer", "clip_tiny")),
+                      "overhead": {"name": "overhead"}, "fid": {"name": "fid"}}
 
 
 def _best_of(n: int) -> BestOfN:
-    method = build_method({"name": "best_of_n", "n": n, "verifier": "clip", "verifier_metric": "clip_full"})
-    method.configure_for_experiment(SCORERS)
+    method = METHODS.build({"name": "best_of_n", "n": n, "verifier": "clip", "verifier_metric": "clip_full"})
+    method.configure_for_experiment(EXPERIMENT_SCORERS)
     return method
 
 
@@ -45,7 +45,7 @@ def test_the_best_is_the_first_of_the_highest_or_lowest_and_nan_never_wins():
 
 
 def test_best_of_one_is_vanilla_bit_for_bit(tiny_pipe):
-    vanilla = sample(tiny_pipe, build_method({"name": "vanilla"}), SPEC, [0, 1], SETTINGS)
+    vanilla = sample(tiny_pipe, METHODS.build({"name": "vanilla"}), SPEC, [0, 1], SETTINGS)
     method = _best_of(1)
     best = method.sample_images(lambda seeds: sample(tiny_pipe, method, SPEC, seeds, SETTINGS), SPEC, [0, 1])
     assert [image.tobytes() for image in best.images] == [image.tobytes() for image in vanilla.images]
@@ -62,7 +62,7 @@ def test_keeps_the_verifiers_best_candidate_and_times_all_of_them(tiny_pipe):
 
     result = method.sample_images(sample_call, SPEC, [0, 1])
     assert [len(call.images) for call in calls] == [2, 2, 2]  # candidate k of both seeds in one batch
-    rescorer = build_scorer(SCORERS["clip"], torch.device("cpu"))
+    rescorer = SCORERS.build(EXPERIMENT_SCORERS["clip"], torch.device("cpu"))
     for j, (image, selection) in enumerate(zip(result.images, result.selection)):
         scores = selection["candidate_scores"]
         assert selection["chosen"] == best_candidate(scores, higher_is_better=True)
@@ -74,7 +74,7 @@ def test_keeps_the_verifiers_best_candidate_and_times_all_of_them(tiny_pipe):
         rescorer.update([ScoredImage("", "", "", "", "p", 0, SPEC.prompt, SPEC.subjects, image, {"status": "ok"})])
         fresh = next(row["value"] for row in rescorer.compute() if row["metric"] == "clip_full")
         assert fresh == pytest.approx(scores[selection["chosen"]], abs=1e-6)
-        assert selection["verifier_scorer"] == rescorer.name and selection["verifier_metric"] == "clip_full"
+        assert selection["verifier_scorer"] == rescorer.provenance and selection["verifier_metric"] == "clip_full"
     sampling = sum(call.seconds for call in calls)
     assert result.selection[0]["sampling_seconds"] * 2 == pytest.approx(sampling)
     assert result.seconds == pytest.approx(sampling + 2 * result.selection[0]["verifier_seconds"])
@@ -83,20 +83,21 @@ def test_keeps_the_verifiers_best_candidate_and_times_all_of_them(tiny_pipe):
 
 def test_bad_parameters_are_config_errors():
     with pytest.raises(ConfigError, match="method best_of_n: n must be an integer of at least 1"):
-        build_method({"name": "best_of_n", "n": 0})
+        METHODS.build({"name": "best_of_n", "n": 0})
     with pytest.raises(ConfigError, match="verifier 'owlv2' is not among the experiment's scorers \\(clip, fid, overhead\\)"):
-        build_method({"name": "best_of_n"}).configure_for_experiment(SCORERS)
+        METHODS.build({"name": "best_of_n"}).configure_for_experiment(EXPERIMENT_SCORERS)
     with pytest.raises(ConfigError, match="gives no metric 'clip_score'; it gives \\['clip_full', 'clip_min_object'\\]"):
-        build_method({"name": "best_of_n", "verifier": "clip", "verifier_metric": "clip_score"}).configure_for_experiment(SCORERS)
+        METHODS.build({"name": "best_of_n", "verifier": "clip", "verifier_metric": "clip_score"}).configure_for_experiment(EXPERIMENT_SCORERS)
     for verifier in ("fid", "overhead"):
         with pytest.raises(ConfigError, match="cannot rate one image alone"):
-            build_method({"name": "best_of_n", "verifier": verifier, "verifier_metric": "fid"}).configure_for_experiment(SCORERS)
+            METHODS.build({"name": "best_of_n", "verifier": verifier, "verifier_metric": "fid"}).configure_for_experiment(EXPERIMENT_SCORERS)
 
 
 def test_config_file_is_the_methods_defaults():
-    assert build_method(OmegaConf.load(PROJECT_ROOT / "conf" / "method" / "best_of_n.yaml")) == BestOfN()
+    assert METHODS.build(config_file("method", "best_of_n")) == BestOfN()
 
 
+@pytest.mark.slow
 def test_bad_inputs_on_the_command_line_are_one_line(tmp_path):
     tiny = ["model=tiny", "scorer=[clip_tiny,overhead]", "sampling.num_inference_steps=2", "limit=1", "seeds=[0]"]
     cases = [
@@ -113,6 +114,7 @@ def test_bad_inputs_on_the_command_line_are_one_line(tmp_path):
     assert not list((tmp_path / "store").rglob("*.png"))
 
 
+@pytest.mark.slow
 def test_records_carry_the_selection_and_the_report_the_diagnostics(tmp_path):
     tiny = ["model=tiny", "dataset=demo", "scorer=[clip_tiny,owlv2_tiny,overhead]", "sampling.num_inference_steps=2",
             "limit=1", "seeds=[0]"]

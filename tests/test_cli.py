@@ -4,7 +4,10 @@ import os
 import subprocess
 import sys
 
-from evalkit.manifest import PROJECT_ROOT
+import pytest
+
+from evalkit.paths import PROJECT_ROOT
+from tests.conftest import compose_config
 
 TINY = ["model=tiny", "scorer=[clip_tiny,overhead]", "sampling.num_inference_steps=2"]
 
@@ -16,6 +19,7 @@ def evalkit(*args, tmp_path, env=None):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_missing_weights_offline_is_one_line(tmp_path):
     result = evalkit("generate", "model=sd15", tmp_path=tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 2
@@ -25,6 +29,7 @@ def test_missing_weights_offline_is_one_line(tmp_path):
     assert "runwayml/stable-diffusion-v1-5" in error[0] and "hf download" in error[0]
 
 
+@pytest.mark.slow
 def test_bad_configuration_fails_before_generation(tmp_path):
     result = evalkit("run", *TINY, "methods=[vanilla,no_such_method]", tmp_path=tmp_path)
     assert result.returncode == 2 and "unknown method 'no_such_method'" in result.stderr
@@ -33,6 +38,7 @@ def test_bad_configuration_fails_before_generation(tmp_path):
     assert result.returncode == 2 and "seeds must be a list of integers" in result.stderr
 
 
+@pytest.mark.slow
 def test_multirun_over_seeds_then_score_and_report(tmp_path):
     result = evalkit("generate", "--multirun", *TINY, "limit=1", "seeds=[0],[1]", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -46,6 +52,7 @@ def test_multirun_over_seeds_then_score_and_report(tmp_path):
     assert (tmp_path / "report" / "README.md").is_file()
 
 
+@pytest.mark.slow
 def test_lpips_and_fid_run_resume_in_a_multirun_and_reach_the_report(tmp_path):
     tiny = ["model=tiny", "sampling.num_inference_steps=2", "limit=1", "seeds=[0,1]"]
     result = evalkit("run", *tiny, "methods=[vanilla,composable_diffusion]", "scorer=[lpips_tiny,fid_tiny]",
@@ -66,6 +73,7 @@ def test_lpips_and_fid_run_resume_in_a_multirun_and_reach_the_report(tmp_path):
     assert "lpips_vs_vanilla ↓" in readme and "## Set-level results" in readme and "| fid ↓ |" in readme
 
 
+@pytest.mark.slow
 def test_bad_places_and_limits_are_one_line_before_any_model_loads(tmp_path):
     result = evalkit("generate", *TINY, "limit=0", tmp_path=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -76,6 +84,7 @@ def test_bad_places_and_limits_are_one_line_before_any_model_loads(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"evalkit: error: store_root {tmp_path / 'store'} cannot be created: {tmp_path / 'store'} is a file"
 
 
+@pytest.mark.slow
 def test_hydras_own_flags_are_not_taken_for_overrides(tmp_path):
     shown = evalkit("generate", "--cfg", "job", *TINY, tmp_path=tmp_path)
     assert shown.returncode == 0 and "num_inference_steps: 2" in shown.stdout, shown.stderr
@@ -85,16 +94,14 @@ def test_hydras_own_flags_are_not_taken_for_overrides(tmp_path):
 
 
 def test_model_overrides_survive_the_stand_ins():
-    from hydra import compose, initialize_config_dir
-
     from evalkit.stand_ins import with_stand_ins
 
     overrides = ["stand_ins=true", "model=sd15", "model.num_inference_steps=3"]
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = with_stand_ins(compose("config", overrides=overrides), overrides)
+    cfg = with_stand_ins(compose_config(overrides), overrides)
     assert cfg.model.name == "tiny" and cfg.model.num_inference_steps == 3 and cfg.sampling.num_inference_steps == 3
 
 
+@pytest.mark.slow
 def test_a_headline_metric_no_scorer_gives_is_one_line_before_generation(tmp_path):
     result = evalkit("run", *TINY, "headline_metrics=[clip_full,detection_rate]", tmp_path=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr

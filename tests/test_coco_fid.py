@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from evalkit.coco_fid import build, choose_captions
 from evalkit import stages
+from evalkit.coco_fid import build, choose_captions
 from evalkit.errors import ConfigError, DatasetError
-from evalkit.manifest import PROJECT_ROOT
 from evalkit.prompts import load_prompt_set
+from tests.conftest import compose_config
 
 
 def test_rule_picks_the_same_images_and_the_first_caption(synthetic_coco):
@@ -42,9 +42,6 @@ def test_build_writes_a_valid_prompt_set_and_links_the_real_images(tmp_path, syn
 
 
 def test_generating_on_the_set_before_it_is_built_says_how_to_build_it(tmp_path):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", ["dataset=coco_fid3k", f"dataset.path={tmp_path / 'absent.jsonl'}", "model=tiny"])
+    cfg = compose_config(["dataset=coco_fid3k", f"dataset.path={tmp_path / 'absent.jsonl'}", "model=tiny"])
     with pytest.raises(ConfigError, match=r"does not exist; build it with `python -m evalkit.coco_fid --captions"):
         stages.generate(cfg)

@@ -93,6 +93,7 @@ def test_existing_output_is_kept_without_overwrite(source, tmp_path):
     assert len(out_file.read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_zero_rows_writes_nothing_and_fails(tmp_path):
     captions = tmp_path / "bad.pkl"
     captions.write_bytes(pickle.dumps({0: {"textual_condition": "a cat", "segment_descriptions": ["", "a dog"]}}))
@@ -108,6 +109,7 @@ def test_zero_rows_writes_nothing_and_fails(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_help_and_missing_input_are_one_line(tmp_path):
     helped = subprocess.run([sys.executable, "-m", "evalkit.convert_densediffusion", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--overwrite" in helped.stdout

@@ -4,10 +4,14 @@ compares sampling with and without graphs and reports the largest latent differe
 import torch
 
 from evalkit.prompts import PromptSpec
-from evalkit.sampling.attention import AttentionHooks, CrossAttentionRecorder, layers_at_resolution
+from evalkit.sampling.attention import (
+    AttentionHooks,
+    CrossAttentionRecorder,
+    layers_at_resolution,
+)
 from evalkit.sampling.cuda_graphs import _attention_setup, plain_forward
 from evalkit.sampling.loop import SamplingSettings, sample
-from evalkit.sampling.method import build_method
+from evalkit.sampling.method import METHODS
 
 SPEC = PromptSpec("p", "a cat and a dog", ("cat", "dog"))
 
@@ -37,7 +41,7 @@ def test_without_a_gpu_the_forward_is_the_eager_one(tiny_pipe):
 
 def test_sampling_with_graphs_off_is_the_same_on_a_cpu(tiny_pipe):
     settings = SamplingSettings(num_inference_steps=2, guidance_scale=7.5, height=128, width=128)
-    vanilla = build_method({"name": "vanilla"})
+    vanilla = METHODS.build({"name": "vanilla"})
     on = sample(tiny_pipe, vanilla, SPEC, [0], settings).latents
     off = sample(tiny_pipe, vanilla, SPEC, [0], settings, cuda_graphs=False).latents
     assert torch.equal(on, off)

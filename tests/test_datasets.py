@@ -2,14 +2,13 @@
 
 import collections
 import json
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from evalkit.manifest import PROJECT_ROOT
-from evalkit.models.tokenizer import clip_tokenizer
 from evalkit.errors import PromptError
+from evalkit.models.tokenizer import clip_tokenizer
+from evalkit.paths import PROJECT_ROOT
 from evalkit.prompts import TokenIndexer, load_prompt_set
 
 INDEXER = TokenIndexer(clip_tokenizer())

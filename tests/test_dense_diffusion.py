@@ -1,5 +1,6 @@
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,19 +10,19 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from evalkit.errors import DatasetError, PromptError
-from evalkit.models.loading import set_scheduler
-from evalkit.models.tokenizer import clip_tokenizer
-from evalkit.prompts import PromptSpec, Segment, TokenIndexer, load_prompt_set
-from evalkit.sampling.attention import attention_layers
-from evalkit.sampling.loop import DenoisingRun, SamplingSettings, sample
-from evalkit.sampling.method import build_method
-from methods.dense_diffusion import (
+from evalkit.methods.dense_diffusion import (
     LayoutModulation,
     cross_attention_layout,
     modulate_logits,
     modulation_weights,
     self_attention_layout,
 )
+from evalkit.models.loading import set_scheduler
+from evalkit.models.tokenizer import clip_tokenizer
+from evalkit.prompts import PromptSpec, Segment, TokenIndexer, load_prompt_set
+from evalkit.sampling.attention import attention_layers
+from evalkit.sampling.loop import DenoisingRun, SamplingSettings, sample
+from evalkit.sampling.method import METHODS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dense_diffusion"
 GOLDEN = FIXTURES / "latents.safetensors"
@@ -57,8 +58,21 @@ def test_weights_are_w_lambda_r_inside_and_outside():
     assert toward_min.tolist() == [[0.0, 0.25], [0.5, 0.5]]
 
 
-def test_lambda_is_t_over_1000_to_the_fifth():
-    assert torch.pow(torch.tensor(500) / 1000, 5).item() == pytest.approx(1 / 32)
+def test_each_step_hands_the_hook_lambda_t_inside_the_window_and_none_after():
+    """`predict_noise` sets lambda_t = (t / 1000)^5 (official: `torch.pow(timesteps[COUNT//32]/1000, 5)`) on the
+    hook while i / steps < reg_part, None from there on, then returns the guided noise; expected values from
+    Python's own arithmetic (0.75^5 and 0.5^5 are exact in float32)."""
+    method = METHODS.build({"name": "dense_diffusion", "reg_part": 0.5})  # 5 steps: i = 0, 1, 2 (2/5 < 0.5) modulated
+    seen = []
+    hook = SimpleNamespace(start_step=lambda weight: seen.append(weight))
+    timesteps = torch.tensor([901, 750, 500, 250, 1])  # int64, as the schedulers give them
+    run = SimpleNamespace(timesteps=timesteps, state={"modulation": hook}, guided_noise=lambda t, latents: latents + t)
+    latents = torch.zeros(1, 4, 2, 2)
+    for i, t in enumerate(timesteps):
+        assert torch.equal(method.predict_noise(run, i, t, latents), latents + t)
+    assert len(seen) == 5 and seen[3:] == [None, None]
+    assert seen[0].item() == pytest.approx(0.901**5, rel=1e-6)
+    assert seen[1].item() == 0.75**5 and seen[2].item() == 0.5**5
 
 
 def test_self_attention_layout_pairs_pixels_of_one_segment_and_weighs_by_size():
@@ -132,7 +146,7 @@ def test_matches_the_official_implementation(tiny_pipe):
     golden = load_file(GOLDEN)
     spec = _spec()
     _with_official_embeddings(tiny_pipe, golden, spec)
-    method = build_method({"name": "dense_diffusion"})
+    method = METHODS.build({"name": "dense_diffusion"})
     setup = method.setup
     conditioning = {}
 
@@ -156,7 +170,7 @@ def test_text_conditioning_matches_the_official_with_our_text_encoder(tiny_pipe)
     golden = load_file(GOLDEN)
     cond, uncond = tiny_pipe.encode_prompt(spec.prompt, torch.device("cpu"), 1, True)
     run = DenoisingRun(tiny_pipe, spec, TokenIndexer(tiny_pipe.tokenizer), SETTINGS, [0], cond, uncond, torch.tensor([]))
-    method = build_method({"name": "dense_diffusion"})
+    method = METHODS.build({"name": "dense_diffusion"})
     method.setup(run)
     method.teardown(run)
     # measured: 1.1e-6 and 8.3e-7 (transformers 5.23.0 here, 4.39.3 for the fixture)
@@ -175,7 +189,7 @@ def test_the_loop_draws_the_fixtures_initial_noise(tiny_pipe):
 
 
 def test_window_lambda_and_hooks_follow_the_loop(tiny_pipe):
-    method = build_method({"name": "dense_diffusion", "reg_part": 0.5})  # 4 steps: 0 and 1 are modulated
+    method = METHODS.build({"name": "dense_diffusion", "reg_part": 0.5})  # 4 steps: 0 and 1 are modulated
     seen = []
     setup = method.setup
 
@@ -200,7 +214,7 @@ def test_without_modulation_it_is_vanilla_with_the_spliced_text(tiny_pipe):
     """At reg_part 0 no step is modulated: what is left is plain sampling with the spliced caption embedding
     (spans written out by hand: SOT, a black cat, and, a brown dog, on, the grass)."""
     spec = _spec()
-    ours = sample(tiny_pipe, build_method({"name": "dense_diffusion", "reg_part": 0.0}), spec, [0], SETTINGS)
+    ours = sample(tiny_pipe, METHODS.build({"name": "dense_diffusion", "reg_part": 0.0}), spec, [0], SETTINGS)
     original = tiny_pipe.encode_prompt
     spliced = {}
 
@@ -213,7 +227,7 @@ def test_without_modulation_it_is_vanilla_with_the_spliced_text(tiny_pipe):
         return cond, uncond
 
     tiny_pipe.encode_prompt = encode_prompt
-    vanilla = sample(tiny_pipe, build_method({"name": "vanilla"}), spec, [0], SETTINGS)
+    vanilla = sample(tiny_pipe, METHODS.build({"name": "vanilla"}), spec, [0], SETTINGS)
     assert spliced
     # Outside the window the hooked layers run their own fused attention: bit for bit vanilla's.
     assert torch.equal(ours.latents, vanilla.latents), (ours.latents - vanilla.latents).abs().max()
@@ -226,7 +240,7 @@ def test_a_prompt_without_segments_fails_before_generation(tiny_pipe):
     calls = []
     tiny_pipe.encode_prompt = lambda *args, **kwargs: calls.append(args)
     with pytest.raises(PromptError, match="dense_diffusion needs segments for prompt 'plain'.*a cat and a dog"):
-        sample(tiny_pipe, build_method({"name": "dense_diffusion"}), PromptSpec("plain", "a cat and a dog"), [0], SETTINGS)
+        sample(tiny_pipe, METHODS.build({"name": "dense_diffusion"}), PromptSpec("plain", "a cat and a dog"), [0], SETTINGS)
     assert not calls
 
 
@@ -234,7 +248,7 @@ def test_a_phrase_not_in_the_prompt_names_the_prompt():
     mask = str(FIXTURES / "masks" / "cat.png")
     spec = PromptSpec("q", "a cat and a dog", segments=(Segment("", mask), Segment("a horse", mask)))
     with pytest.raises(PromptError, match="'q'.*'a horse'"):
-        build_method({"name": "dense_diffusion"}).check(spec, TokenIndexer(clip_tokenizer()))
+        METHODS.build({"name": "dense_diffusion"}).preflight(spec, TokenIndexer(clip_tokenizer()))
 
 
 def test_the_loader_resolves_masks_beside_the_file_and_names_a_missing_one(tmp_path):
@@ -262,11 +276,11 @@ def test_a_mask_that_is_not_binary_is_an_error(tmp_path):
 
 
 def test_the_coco_set_loads_and_every_phrase_is_in_its_caption():
-    from evalkit.manifest import PROJECT_ROOT
+    from evalkit.paths import PROJECT_ROOT
 
     specs = load_prompt_set(PROJECT_ROOT / "datasets" / "densediffusion_coco.jsonl")
     indexer = TokenIndexer(clip_tokenizer())
-    method = build_method({"name": "dense_diffusion"})
+    method = METHODS.build({"name": "dense_diffusion"})
     for spec in specs:
         assert spec.segments[0].phrase == "" and list(spec.subjects) == [s.phrase for s in spec.segments if s.phrase]
-        method.check(spec, indexer)
+        method.preflight(spec, indexer)

@@ -13,17 +13,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from evalkit import stages
 from evalkit.__main__ import main
-from evalkit.manifest import PROJECT_ROOT
+from evalkit.paths import PROJECT_ROOT, config_file
 from evalkit.prompts import load_prompt_set
 from evalkit.sampling.loop import SamplingSettings, sample
-from evalkit.sampling.method import METHODS, build_method
-from evalkit.scoring.clip_score import ClipScorer
+from evalkit.sampling.method import METHODS
+from evalkit.scoring.clip import ClipScorer
 from evalkit.store import ImageKey, ImageStore
+from tests.conftest import compose_config, poison
 
 DEMO = PROJECT_ROOT / "datasets" / "demo.jsonl"
 # Cheap settings for the tiny model: 64 px (8x8 maps) and no iterative refinement; Attention Regulation's Gaussian
@@ -37,14 +37,13 @@ CHEAP = {
 
 
 def config(tmp_path: Path, *overrides: str):
-    """A small run of the tiny model: 2 prompts x 2 seeds, 2 steps at 64 px, clip_tiny one image per update."""
-    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[
-            "model=tiny", "scorer=[clip_tiny]", "scorers.clip.batch_size=1", "sampling.num_inference_steps=2",
-            "sampling.resolution=64", "limit=2", "seeds=[0,1]", "batch_size=2", "experiment_name=faults",
-            f"store_root={tmp_path / 'store'}", f"runs_root={tmp_path / 'runs'}", f"report_dir={tmp_path / 'report'}",
-            *overrides,
-        ])
+    """A small run of the tiny model: 2 prompts x 2 seeds, 2 steps at 64 px, clip_tiny one image per batch."""
+    return compose_config([
+        "model=tiny", "scorer=[clip_tiny]", "scorers.clip.batch_size=1", "sampling.num_inference_steps=2",
+        "sampling.resolution=64", "limit=2", "seeds=[0,1]", "batch_size=2", "experiment_name=faults",
+        f"store_root={tmp_path / 'store'}", f"runs_root={tmp_path / 'runs'}", f"report_dir={tmp_path / 'report'}",
+        *overrides,
+    ])
 
 
 def kill_at(monkeypatch, owner, name: str, when) -> None:
@@ -70,6 +69,7 @@ def results(tmp_path: Path) -> dict[str, bytes]:
     return {str(path.relative_to(tmp_path)): path.read_bytes() for path in sorted(paths) if path.is_file()}
 
 
+@pytest.mark.slow
 def test_a_run_killed_anywhere_and_rerun_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
     cfg = config(tmp_path, "limit=1")  # one batch of two seeds
     stages.generate(cfg)
@@ -102,7 +102,7 @@ def test_a_run_killed_anywhere_and_rerun_ends_as_an_uninterrupted_one(tmp_path, 
     assert not leftover.exists() and len(list(store.root.rglob("*.json"))) == 2
 
     with monkeypatch.context() as patch:  # scoring killed after its first batch
-        kill_at(patch, ClipScorer, "update", lambda n, *args: n == 2)
+        kill_at(patch, ClipScorer, "score_batch", lambda n, *args: n == 2)
         with pytest.raises(KeyboardInterrupt):
             stages.score(cfg)
     assert not list((tmp_path / "runs").rglob("*.csv"))
@@ -119,6 +119,7 @@ def test_a_run_killed_anywhere_and_rerun_ends_as_an_uninterrupted_one(tmp_path, 
     assert not [path for path in tmp_path.rglob("*.tmp")]
 
 
+@pytest.mark.slow
 def test_damaged_store_items_are_reported_by_path_skipped_by_score_and_regenerated(tmp_path, caplog):
     cfg = config(tmp_path, "seeds=[0,1,2]")
     stages.generate(cfg)
@@ -153,25 +154,10 @@ def test_damaged_store_items_are_reported_by_path_skipped_by_score_and_regenerat
     assert len(scored) == 6
 
 
-def poison(monkeypatch, method_class, hook: str, seed: int, step: int) -> None:
-    """Make `hook` (update_latents or predict_noise) of `method_class` return NaN for `seed`'s image at `step`:
-    what a diverging optimisation (or attention edit) hands the loop."""
-    original = getattr(method_class, hook)
-
-    def poisoned(self, run, i, t, latents):
-        out = original(self, run, i, t, latents)
-        if i == step:
-            out = out.clone()
-            out[run.seeds.index(seed)] = float("nan")
-        return out
-
-    monkeypatch.setattr(method_class, hook, poisoned)
-
-
 def cheap_method(name: str):
     params, resolution = CHEAP[name]
-    config = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "method" / f"{name}.yaml"))
-    return build_method({**config, **params}), SamplingSettings(2, 7.5, resolution, resolution)
+    config = OmegaConf.to_container(config_file("method", name))
+    return METHODS.build({**config, **params}), SamplingSettings(2, 7.5, resolution, resolution)
 
 
 @pytest.mark.parametrize(
@@ -199,6 +185,7 @@ def test_a_failed_image_leaves_the_rest_of_its_batch_unchanged(tiny_pipe, monkey
     assert result.images[0].tobytes() == clean.images[0].tobytes()
 
 
+@pytest.mark.slow
 def test_nan_failures_are_recorded_the_run_goes_on_and_the_report_counts_them(tmp_path, monkeypatch):
     cfg = config(tmp_path, "method=attend_and_excite", "method.attention_res=8", "scorer=[clip_tiny,overhead]",
                  "limit=1")
@@ -240,7 +227,7 @@ def run_main(monkeypatch, capsys, tmp_path, *arguments: str) -> str:
 @pytest.mark.parametrize(
     "arguments, words",
     [
-        (["generate", "method=attend_and_exite"], "unknown method 'attend_and_exite'; known: attend_and_excite"),
+        (["generate", "method=attend_and_exite"], "unknown method 'attend_and_exite' (did you mean 'attend_and_excite'?); known: attend_and_excite"),
         (["run", "scorer=[clip_tiny,clip_scroe]"], "unknown scorer 'clip_scroe'; known: clip, clip_tiny"),
         (["score", "--multirun", "model=tiny,sd99"], "unknown model 'sd99'; known: sd14"),
         (["generate", "dataset=dem"], "unknown dataset 'dem'"),

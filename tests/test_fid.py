@@ -15,13 +15,19 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from evalkit.errors import ConfigError, MissingWeightsError
-from evalkit.reporting import write_report
-from evalkit.scoring.base import ScoredImage, ScoredSet, build_scorer, check_scorer
-from evalkit.scoring.fid import FidScorer, fid_input, frechet_distance, gaussian_statistics
+from evalkit.reporting.render import write_report
+from evalkit.scoring.base import SCORERS, ScoredImage, ScoredSet, preflight_scorer
+from evalkit.scoring.fid import (
+    FidScorer,
+    fid_input,
+    frechet_distance,
+    gaussian_statistics,
+)
 from evalkit.store import ImageStore
+from tests.conftest import generation_manifest
 
 CPU = torch.device("cpu")
-MANIFEST = {"model": "tiny", "method": "vanilla", "variant": "vanilla@0123456789", "dataset": "toy"}
+MANIFEST = generation_manifest("vanilla", experiment="fid", seeds=[0])
 
 
 class GivenFeatures(torch.nn.Module):
@@ -110,7 +116,7 @@ def tiny_config(reference_dir, cache_dir, **overrides) -> dict:
 def set_row(scorer: FidScorer, images: list[Image.Image]) -> dict:
     scorer.reset()
     scorer.begin_set(ScoredSet(MANIFEST, [MANIFEST], ImageStore("unused")))
-    scorer.update([ScoredImage("tiny", "vanilla", MANIFEST["variant"], "toy", f"p{index}", 0, "a cat", (), image,
+    scorer.update([ScoredImage("tiny", "vanilla", MANIFEST.variant, "toy", f"p{index}", 0, "a cat", (), image,
                                {"status": "ok"}) for index, image in enumerate(images)])
     [row] = scorer.compute()
     return row
@@ -119,7 +125,7 @@ def set_row(scorer: FidScorer, images: list[Image.Image]) -> dict:
 def test_scorer_gives_one_set_row_and_zero_against_its_own_reference(tmp_path, caplog):
     reference = write_images(tmp_path / "real", 4, seed=0)
     with caplog.at_level(logging.WARNING, logger="evalkit"):
-        scorer = build_scorer(tiny_config(tmp_path / "real", tmp_path / "cache"), CPU)
+        scorer = SCORERS.build(tiny_config(tmp_path / "real", tmp_path / "cache"), CPU)
     assert "has 4 images, fewer than the 64 feature dimensions" in caplog.text
     row = set_row(scorer, reference)
     assert row["prompt_id"] is None and row["seed"] is None and row["n_images"] == 4
@@ -137,7 +143,7 @@ def test_scorer_gives_one_set_row_and_zero_against_its_own_reference(tmp_path, c
 
 def test_fewer_than_two_images_give_nan_and_a_warning(tmp_path, caplog):
     reference = write_images(tmp_path / "real", 2, seed=0)
-    scorer = build_scorer(tiny_config(tmp_path / "real", tmp_path / "cache"), CPU)
+    scorer = SCORERS.build(tiny_config(tmp_path / "real", tmp_path / "cache"), CPU)
     with caplog.at_level(logging.WARNING, logger="evalkit"):
         row = set_row(scorer, reference[:1])
     assert math.isnan(row["value"]) and row["n_images"] == 1
@@ -147,33 +153,33 @@ def test_fewer_than_two_images_give_nan_and_a_warning(tmp_path, caplog):
 def test_real_statistics_are_cached_under_a_hash_of_the_files_and_settings(tmp_path, monkeypatch):
     write_images(tmp_path / "real", 3, seed=0)
     config = tiny_config(tmp_path / "real", tmp_path / "cache")
-    first = build_scorer(config, CPU)
+    first = SCORERS.build(config, CPU)
     [cache_file] = (tmp_path / "cache").iterdir()
 
     def must_not_run(self, images):
         raise AssertionError("the cached statistics should have been used")
 
     monkeypatch.setattr(FidScorer, "features", must_not_run)
-    second = build_scorer(config, CPU)
-    assert torch.equal(first.reference_sigma, second.reference_sigma) and first.name == second.name
+    second = SCORERS.build(config, CPU)
+    assert torch.equal(first.reference_sigma, second.reference_sigma) and first.provenance == second.provenance
     monkeypatch.undo()
     write_images(tmp_path / "real", 3, seed=5)  # same names, other bytes
-    changed = build_scorer(config, CPU)
-    build_scorer({**config, "dims": 192}, CPU)
+    changed = SCORERS.build(config, CPU)
+    SCORERS.build({**config, "dims": 192}, CPU)
     assert len(list((tmp_path / "cache").iterdir())) == 3 and cache_file.is_file()
-    assert changed.name != first.name
+    assert changed.provenance != first.provenance
 
 
 def test_bad_reference_folder_or_dims_fail_the_check_before_generation(tmp_path):
     with pytest.raises(ConfigError, match="real-image folder .*missing does not exist"):
-        check_scorer(tiny_config(tmp_path / "missing", tmp_path), ["vanilla"])
+        preflight_scorer(tiny_config(tmp_path / "missing", tmp_path), ["vanilla"])
     write_images(tmp_path / "one", 1, seed=0)
     with pytest.raises(ConfigError, match="holds 1 images; FID needs at least 2"):
-        check_scorer(tiny_config(tmp_path / "one", tmp_path), ["vanilla"])
+        preflight_scorer(tiny_config(tmp_path / "one", tmp_path), ["vanilla"])
     with pytest.raises(ConfigError, match="dims must be one of"):
-        check_scorer(tiny_config(tmp_path / "one", tmp_path, dims=100), ["vanilla"])
+        preflight_scorer(tiny_config(tmp_path / "one", tmp_path, dims=100), ["vanilla"])
     with pytest.raises(ConfigError, match="set reference_dir"):
-        check_scorer({"name": "fid"}, ["vanilla"])
+        preflight_scorer({"name": "fid"}, ["vanilla"])
 
 
 def test_real_inception_offline_is_one_line_missing_weights_error(monkeypatch, tmp_path):
@@ -185,7 +191,7 @@ def test_real_inception_offline_is_one_line_missing_weights_error(monkeypatch, t
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     with pytest.raises(MissingWeightsError, match="pt_inception-2015-12-05-6726825d.pth is not in torch") as error:
-        build_scorer({**tiny_config(tmp_path / "real", tmp_path), "tiny": False}, CPU)
+        SCORERS.build({**tiny_config(tmp_path / "real", tmp_path), "tiny": False}, CPU)
     assert "github.com/mseitzer/pytorch-fid" in str(error.value) and "\n" not in str(error.value)
 
 

@@ -7,27 +7,21 @@ import lpips
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from PIL import Image
 
 from evalkit.__main__ import run_all
 from evalkit.errors import ConfigError, MissingWeightsError
-from evalkit.manifest import PROJECT_ROOT
-from evalkit.scoring.base import ScoredImage, ScoredSet, build_scorer, check_scorer
+from evalkit.records import GenerationManifest
+from evalkit.scoring.base import SCORERS, ScoredImage, ScoredSet, preflight_scorer
 from evalkit.store import ImageKey, ImageStore
+from tests.conftest import compose_config, generation_manifest, random_image
 
 CPU = torch.device("cpu")
 SAMPLING = {"num_inference_steps": 2, "guidance_scale": 7.5}
 PAIRS = [("p0", 0), ("p0", 1), ("p1", 0)]
 
 
-def manifest(method: str, sampling: dict = SAMPLING) -> dict:
-    return {"model": "tiny", "method": method, "variant": f"{method}@0123456789", "dataset": "toy",
-            "identity": {"sampling": sampling, "model": {"name": "tiny"}}}
-
-
-def random_image(rng: np.random.Generator, size=(64, 48)) -> Image.Image:
-    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+def manifest(method: str, sampling: dict = SAMPLING) -> GenerationManifest:
+    return generation_manifest(method, sampling, experiment="lpips")
 
 
 @pytest.fixture
@@ -36,13 +30,13 @@ def store(tmp_path) -> ImageStore:
     store, rng = ImageStore(tmp_path / "store"), np.random.default_rng(0)
     for method in ("vanilla", "attend_and_excite"):
         for prompt_id, seed in PAIRS:
-            key = ImageKey("tiny", manifest(method)["variant"], "toy", prompt_id, seed)
+            key = ImageKey("tiny", manifest(method).variant, "toy", prompt_id, seed)
             store.put(key, random_image(rng), {"status": "ok"})
     return store
 
 
 def items(store: ImageStore, method: str) -> list[ScoredImage]:
-    keys = list(store.keys("tiny", manifest(method)["variant"], "toy"))
+    keys = list(store.keys("tiny", manifest(method).variant, "toy"))
     return [ScoredImage(k.model, k.method, k.variant, k.dataset, k.prompt_id, k.seed, "a cat and a dog", (),
                         store.read_image(k), store.read_record(k)) for k in keys]
 
@@ -50,7 +44,7 @@ def items(store: ImageStore, method: str) -> list[ScoredImage]:
 @pytest.fixture(scope="module")
 def scorer():
     """One stand-in for the module (building the random AlexNet costs seconds); every use resets it."""
-    return build_scorer({"name": "lpips", "tiny": True, "batch_size": 2}, CPU)
+    return SCORERS.build({"name": "lpips", "tiny": True, "batch_size": 2}, CPU)
 
 
 def scored_rows(scorer, store: ImageStore, method: str, manifests=None) -> list[dict]:
@@ -69,7 +63,7 @@ def test_scores_equal_the_lpips_package_on_the_same_pairs(scorer, store):
     with torch.no_grad():
         for prompt_id, seed in PAIRS:
             method_image, vanilla_image = (
-                np.asarray(store.read_image(ImageKey("tiny", manifest(m)["variant"], "toy", prompt_id, seed)))
+                np.asarray(store.read_image(ImageKey("tiny", manifest(m).variant, "toy", prompt_id, seed)))
                 for m in ("attend_and_excite", "vanilla")
             )
             # lpips' own image-to-tensor helper: uint8 HWC -> [-1, 1] NCHW.
@@ -94,7 +88,7 @@ def test_vanilla_scores_zero_against_itself(scorer, store):
 
 
 def test_missing_or_failed_vanilla_image_is_named_and_gets_no_row(scorer, store, caplog):
-    vanilla = manifest("vanilla")["variant"]
+    vanilla = manifest("vanilla").variant
     store.image_path(ImageKey("tiny", vanilla, "toy", "p0", 1)).unlink()
     store.record_path(ImageKey("tiny", vanilla, "toy", "p0", 1)).unlink()
     store.put(ImageKey("tiny", vanilla, "toy", "p1", 0), None, {"status": "failed"})
@@ -107,7 +101,7 @@ def test_missing_or_failed_vanilla_image_is_named_and_gets_no_row(scorer, store,
 
 
 def test_images_of_different_sizes_are_refused(scorer, store):
-    key = ImageKey("tiny", manifest("vanilla")["variant"], "toy", "p1", 0)
+    key = ImageKey("tiny", manifest("vanilla").variant, "toy", "p1", 0)
     store.put(key, random_image(np.random.default_rng(1), size=(32, 32)), {"status": "ok"})
     with pytest.raises(ValueError, match=r"p1 seed 0 is \(64, 48\) but its vanilla@0123456789 image is \(32, 32\)"):
         scored_rows(scorer, store, "attend_and_excite")
@@ -121,10 +115,10 @@ def test_no_vanilla_run_with_the_same_settings_is_a_config_error(scorer, store):
 
 def test_experiment_without_vanilla_or_with_a_bad_net_fails_the_check():
     with pytest.raises(ConfigError, match="add vanilla to methods"):
-        check_scorer({"name": "lpips", "tiny": True}, ["attend_and_excite"])
+        preflight_scorer({"name": "lpips", "tiny": True}, ["attend_and_excite"])
     with pytest.raises(ConfigError, match="unknown net 'resnet'"):
-        check_scorer({"name": "lpips", "net": "resnet"}, ["vanilla"])
-    check_scorer({"name": "lpips", "tiny": True}, ["vanilla", "attend_and_excite"])
+        preflight_scorer({"name": "lpips", "net": "resnet"}, ["vanilla"])
+    preflight_scorer({"name": "lpips", "tiny": True}, ["vanilla", "attend_and_excite"])
 
 
 def test_real_alexnet_offline_is_one_line_missing_weights_error(monkeypatch, tmp_path):
@@ -135,14 +129,13 @@ def test_real_alexnet_offline_is_one_line_missing_weights_error(monkeypatch, tmp
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     with pytest.raises(MissingWeightsError, match="alexnet-owt-7be5be79.pth is not in torch's hub cache") as error:
-        build_scorer({"name": "lpips", "net": "alex"}, CPU)
+        SCORERS.build({"name": "lpips", "net": "alex"}, CPU)
     assert "download.pytorch.org" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_run_without_vanilla_fails_before_generation(tmp_path):
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", [f"store_root={tmp_path / 'store'}", f"runs_root={tmp_path / 'runs'}", "model=tiny",
-                                 "methods=[attend_and_excite]", "scorer=[lpips_tiny]"])
+    cfg = compose_config([f"store_root={tmp_path / 'store'}", f"runs_root={tmp_path / 'runs'}", "model=tiny",
+                          "methods=[attend_and_excite]", "scorer=[lpips_tiny]"])
     with pytest.raises(ConfigError, match="add vanilla to methods"):
         run_all(cfg)
     assert not (tmp_path / "store").exists() and not (tmp_path / "runs").exists()

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from evalkit.scoring.base import ScoredImage, build_scorer
+from evalkit.scoring.base import SCORERS, ScoredImage
 
 CPU = torch.device("cpu")
 
@@ -23,7 +23,7 @@ def item(prompt_id: str, seconds: float, peak_bytes: int | None, status: str = "
 
 
 def test_overhead_rows_come_from_the_records():
-    scorer = build_scorer({"name": "overhead"}, CPU)
+    scorer = SCORERS.build({"name": "overhead"}, CPU)
     assert not scorer.needs_images
     assert scorer.metrics == {"seconds_per_image": False, "peak_memory_mb": False}
     scorer.update([item("p0", 2.5, 3 * 2**20), item("p1", 1.5, None), item("p2", 9.0, 2**30, status="failed")])
@@ -39,7 +39,7 @@ def test_overhead_rows_come_from_the_records():
 
 
 def test_reset_clears_rows():
-    scorer = build_scorer({"name": "overhead"}, CPU)
+    scorer = SCORERS.build({"name": "overhead"}, CPU)
     scorer.update([item("p0", 1.0, None)])
     scorer.reset()
     assert scorer.compute() == []

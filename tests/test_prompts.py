@@ -57,7 +57,7 @@ def test_loader_names_the_bad_row(tmp_path):
 
 
 def test_demo_set_resolves():
-    from evalkit.manifest import PROJECT_ROOT
+    from evalkit.paths import PROJECT_ROOT
 
     for spec in load_prompt_set(PROJECT_ROOT / "datasets" / "demo.jsonl"):
         assert len(INDEXER.subject_indices(spec)) == len(spec.subjects)
@@ -73,8 +73,8 @@ def test_exclude_leaves_rows_out_and_refuses_unknown_ids(tmp_path):
 
 
 def test_every_method_refuses_a_prompt_past_77_tokens():
-    from evalkit.sampling.method import build_method
+    from evalkit.sampling.method import METHODS
 
     spec = PromptSpec("long", " ".join(["cat"] * 80))
     with pytest.raises(PromptError, match="'long' has 82 tokens"):
-        build_method({"name": "vanilla"}).check(spec, INDEXER)
+        METHODS.build({"name": "vanilla"}).preflight(spec, INDEXER)

@@ -13,17 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from evalkit.manifest import PROJECT_ROOT
+from evalkit.paths import PROJECT_ROOT
 
 CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrome")
                  if (path := shutil.which(name))), None)
 WINDOW_PX = 1300
+pytestmark = pytest.mark.slow  # every test reads the report of a demo run in a subprocess
 
 
 @pytest.fixture(scope="module")
 def demo_report(tmp_path_factory) -> Path:
     """`experiment=demo` with all its scorers, two methods, one seed and two steps (the report's shape, in a
-    minute): sepen_tiny is left out, its checkpoint comes from `make demo`'s finetune."""
+    minute): separate_and_enhance_tiny is left out, its checkpoint comes from `make demo`'s finetune."""
     root = tmp_path_factory.mktemp("demo")
     command = [sys.executable, "-m", "evalkit", "run", "experiment=demo", "methods=[vanilla,composable_diffusion]",
                "seeds=[0]", "sampling.num_inference_steps=2", f"store_root={root / 'store'}",

@@ -8,8 +8,17 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from evalkit.reporting import bootstrap_ci, failures, paired_difference, relative_overhead, summarize, write_report
-from evalkit.reporting.render import PaperTable
+from evalkit.reporting import render
+from evalkit.reporting.aggregate import (
+    bootstrap_ci,
+    failures,
+    paired_difference,
+    relative_overhead,
+    summarize,
+)
+from evalkit.reporting.document import interval_text
+from evalkit.reporting.paper_table import PaperTable
+from evalkit.reporting.render import write_report
 
 VANILLA = "vanilla@aaaa000000"
 EXCITE = "attend_and_excite@3fa2c1d0e9"
@@ -253,11 +262,17 @@ def test_headline_table_comes_first_with_the_papers_values_beside_and_the_best_i
     assert "clip_min" not in headline and "detection/cat" not in headline
 
 
-def test_paired_differences_are_a_method_by_metric_table_and_breakdowns_collapse(tmp_path):
+@pytest.fixture
+def clip_and_detection_report(tmp_path):
+    """The folder of `_three_methods`' report with clip and detection_rate as its headline metrics."""
     scores, records, images = _three_methods(tmp_path)
     write_report(tmp_path / "r", "t", scores, records, [], images, None, METRIC_INFO,
                  headline_metrics=["clip", "detection_rate"])
-    page = (tmp_path / "r" / "index.html").read_text()
+    return tmp_path / "r"
+
+
+def test_paired_differences_are_a_method_by_metric_table_and_breakdowns_collapse(clip_and_detection_report):
+    page = (clip_and_detection_report / "index.html").read_text()
     paired = page[page.index("<h2>Paired differences vs vanilla</h2>"):page.index("<h2>Compute overhead</h2>")]
     assert "<th>method</th><th>clip ↑</th><th>detection_rate ↑</th>" in paired
     assert "<td>attend_and_excite</td><td><strong>+0.205 [+0.010, +0.400]</strong></td>" in paired  # excludes 0
@@ -270,11 +285,8 @@ def test_paired_differences_are_a_method_by_metric_table_and_breakdowns_collapse
     assert "<td>objects</td><td>clip ↑</td><td>0.110 [0.100, 0.120]</td><td><strong>0.510 [" in subsets
 
 
-def test_a_metric_that_is_best_of_ns_verifier_is_flagged_wherever_best_of_n_reports_it(tmp_path):
-    scores, records, images = _three_methods(tmp_path)
-    write_report(tmp_path / "r", "t", scores, records, [], images, None, METRIC_INFO,
-                 headline_metrics=["clip", "detection_rate"])
-    readme = (tmp_path / "r" / "README.md").read_text()
+def test_a_metric_that_is_best_of_ns_verifier_is_flagged_wherever_best_of_n_reports_it(clip_and_detection_report):
+    readme = (clip_and_detection_report / "README.md").read_text()
     headline = readme[readme.index("| method |"):readme.index("## Image grids")]
     best_of_n = next(line for line in headline.splitlines() if line.startswith("| best_of_n |"))
     clip_cell, detection_cell = best_of_n.split(" | ")[1:3]
@@ -296,8 +308,6 @@ def test_grid_page_shows_the_prompts_where_methods_disagree_most_first(tmp_path)
 
 
 def test_quality_against_compute_puts_best_of_n_on_the_curve_of_spending_compute_on_seeds(tmp_path, monkeypatch):
-    from evalkit.reporting import render
-
     drawn = {}
     monkeypatch.setattr(render, "compute_plot", lambda path, seconds, panels, colours, seed_spending: drawn.update(
         seconds=seconds, panels=panels, seed_spending=seed_spending))
@@ -310,11 +320,9 @@ def test_quality_against_compute_puts_best_of_n_on_the_curve_of_spending_compute
 
 
 def test_narrow_intervals_print_with_enough_decimals_to_tell_their_ends_apart():
-    from evalkit.reporting.render import _interval
-
-    assert _interval(0.00047, 0.00044, 0.00050, "+") == "+0.000470 [+0.000440, +0.000500]"
-    assert _interval(0.5, 0.4, 0.6) == "0.500 [0.400, 0.600]"
-    assert _interval(443.9, 428.0, 459.4, "+", decimals=1) == "+443.9 [+428.0, +459.4]"
+    assert interval_text(0.00047, 0.00044, 0.00050, "+") == "+0.000470 [+0.000440, +0.000500]"
+    assert interval_text(0.5, 0.4, 0.6) == "0.500 [0.400, 0.600]"
+    assert interval_text(443.9, 428.0, 459.4, "+", decimals=1) == "+443.9 [+428.0, +459.4]"
 
 
 def _manifests(dataset_source=None):
@@ -330,7 +338,12 @@ def _manifests(dataset_source=None):
 
 
 def test_protocol_beside_the_papers_flags_every_difference():
-    from evalkit.reporting.protocol import DIFFERS, NOT_PUBLISHED, SAME, compare_protocol
+    from evalkit.reporting.protocol import (
+        DIFFERS,
+        NOT_PUBLISHED,
+        SAME,
+        compare_protocol,
+    )
 
     protocol = {
         "source": "the paper",

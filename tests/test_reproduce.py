@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from evalkit.coco_fid import build
-from evalkit.manifest import PROJECT_ROOT
+from evalkit.paths import PROJECT_ROOT, config_names
 
 TARGETS = re.findall(r"^(reproduce-[\w-]+):", (PROJECT_ROOT / "Makefile").read_text(), flags=re.MULTILINE)
 VENV = Path(sys.prefix)
@@ -21,7 +21,7 @@ COCO_WITHOUT_SYNGEN = "[vanilla,composable_diffusion,dense_diffusion,attend_and_
 
 
 def test_every_experiment_has_a_target():
-    experiments = {path.stem for path in (PROJECT_ROOT / "conf" / "experiment").glob("*.yaml")} - {"demo"}
+    experiments = set(config_names("experiment")) - {"demo"}
     made = set(re.findall(r"experiment=(\w+)", (PROJECT_ROOT / "Makefile").read_text())) - {"demo"}
     assert experiments == made
     assert {"reproduce-ar-table1", "reproduce-conform-ae", "reproduce-sepen-eval"} <= set(TARGETS)
@@ -33,6 +33,7 @@ def shared_store(tmp_path_factory):
     return tmp_path_factory.mktemp("store")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_reproduce_target_runs_on_the_tiny_models(target, tmp_path, synthetic_coco, shared_store):
     build(*synthetic_coco, tmp_path / "data" / "coco_fid3k", count=4)  # the user's COCO FID set, in miniature

@@ -12,13 +12,14 @@ from importlib import metadata
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from evalkit import stages
 from evalkit.errors import UnsafeWeightsError
-from evalkit.manifest import PROJECT_ROOT, git_commit
+from evalkit.manifest import git_commit
+from evalkit.paths import PROJECT_ROOT
+from evalkit.scoring.lpips import LpipsScorer
 from evalkit.scoring.overhead import OverheadScorer
-from evalkit.scoring.lpips_score import LpipsScorer
+from tests.conftest import compose_config
 
 SOURCES = sorted([*(PROJECT_ROOT / "evalkit").rglob("*.py"), *(PROJECT_ROOT / "methods").rglob("*.py")])
 # from_pretrained of these loads no weights (tokenizers, processors, scheduler configs)
@@ -85,17 +86,18 @@ import sys, torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from evalkit.errors import MissingWeightsError
-from evalkit.manifest import PROJECT_ROOT, git_commit
+from evalkit.manifest import git_commit
+from evalkit.paths import PROJECT_ROOT
 from evalkit.scoring.overhead import OverheadScorer
 from evalkit.models.loading import load_pipeline
-from evalkit.scoring.base import build_scorer
+from evalkit.scoring.base import SCORERS
 
 with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
     cfg = compose("config", overrides=["model=sd14", "scorer=[clip,owlv2,text_similarity,tifa,lpips,fid]",
                                        "scorers.fid.reference_dir=" + sys.argv[1]])
 loaders = {"sd14": lambda: load_pipeline(cfg.model, torch.device("cpu"))}
 for key, scorer in cfg.scorers.items():
-    loaders[key] = lambda scorer=scorer: build_scorer(OmegaConf.to_container(scorer, resolve=True), torch.device("cpu"))
+    loaders[key] = lambda scorer=scorer: SCORERS.build(OmegaConf.to_container(scorer, resolve=True), torch.device("cpu"))
 for key, load in loaders.items():
     try:
         load()
@@ -105,6 +107,7 @@ for key, load in loaders.items():
 """
 
 
+@pytest.mark.slow
 def test_offline_without_weights_every_model_is_one_line_naming_it_and_how_to_get_it(tmp_path):
     references = tmp_path / "real"
     references.mkdir()
@@ -141,13 +144,12 @@ HOSTILE = '<script>alert(1)</script> & "x"'
 def test_report_escapes_user_text_and_shows_every_manifest(tmp_path):
     prompts = tmp_path / "hostile.jsonl"
     prompts.write_text(json.dumps({"id": "hostile", "prompt": HOSTILE}) + "\n")
-    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            "model=tiny", "scorer=[overhead]", "sampling.num_inference_steps=2", "sampling.resolution=64",
-            "seeds=[0]", f"dataset.path={prompts}", "experiment_name=hostile",
-            "title='<img src=x onerror=alert(2)> title'", "notice='<b>notice</b> & more'",
-            f"store_root={tmp_path / 'store'}", f"runs_root={tmp_path / 'runs'}", f"report_dir={tmp_path / 'report'}",
-        ])
+    cfg = compose_config([
+        "model=tiny", "scorer=[overhead]", "sampling.num_inference_steps=2", "sampling.resolution=64",
+        "seeds=[0]", f"dataset.path={prompts}", "experiment_name=hostile",
+        "title='<img src=x onerror=alert(2)> title'", "notice='<b>notice</b> & more'",
+        f"store_root={tmp_path / 'store'}", f"runs_root={tmp_path / 'runs'}", f"report_dir={tmp_path / 'report'}",
+    ])
     stages.generate(cfg)
     stages.score(cfg)
     page = stages.report(cfg).read_text()
@@ -162,7 +164,7 @@ def test_report_escapes_user_text_and_shows_every_manifest(tmp_path):
     generation, scoring = sorted(manifests, key=lambda manifest: manifest["stage"])
     assert generation["dataset_sha256"] == hashlib.sha256(prompts.read_bytes()).hexdigest()
     assert generation["config"]["title"] == "<img src=x onerror=alert(2)> title"  # the resolved config
-    assert scoring["scorer"] == OverheadScorer.name and scoring["config"] == {"name": "overhead"}
+    assert scoring["scorer"] == OverheadScorer.provenance and scoring["config"] == {"name": "overhead"}
     for manifest in (generation, scoring):
         assert manifest["versions"]["torch"] == metadata.version("torch") and manifest["hardware"]["device"] == "cpu"
         assert manifest["git_commit"] == git_commit()

@@ -10,15 +10,15 @@ from itertools import product
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 from evalkit import stages
 from evalkit.errors import ConfigError
-from evalkit.manifest import PROJECT_ROOT
 from evalkit.models import loading
 from evalkit.models.loading import multirun_job_number, pick_device, resolve_device
+from evalkit.paths import PROJECT_ROOT
 from evalkit.sharding import Shard, generation_batches, image_name
+from tests.conftest import compose_config
 
 # One prompt, seeds 0-2 in batches of 2: shard 0/2 gets the batch (0, 1), shard 1/2 the batch (2).
 TINY = ["model=tiny", "scorer=[overhead]", "limit=1", "seeds=[0,1,2]", "batch_size=2", "sampling.num_inference_steps=2"]
@@ -76,8 +76,7 @@ def test_resolve_device_reads_the_hydra_job_number(monkeypatch):
     assert multirun_job_number() is None and resolve_device("auto") == torch.device("cuda", 0)
     try:
         for mode, expected in (("MULTIRUN", 2), ("RUN", 0)):
-            with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
-                cfg = compose("config", [f"hydra.mode={mode}", "hydra.job.num=6"], return_hydra_config=True)
+            cfg = compose_config([f"hydra.mode={mode}", "hydra.job.num=6"], return_hydra_config=True)
             HydraConfig.instance().set_config(cfg)
             assert resolve_device("auto") == torch.device("cuda", expected)
     finally:
@@ -107,6 +106,7 @@ def sharded_run(tmp_path_factory):
     return whole, sharded
 
 
+@pytest.mark.slow
 def test_submitit_sweep_of_shards_gives_the_unsharded_images_bitwise(sharded_run):
     whole, sharded = sharded_run
     assert len(list(sharded.glob("runs/default/hydra/multirun-*/.submitit/*/*_result.pkl"))) == 2  # two jobs ran
@@ -116,11 +116,11 @@ def test_submitit_sweep_of_shards_gives_the_unsharded_images_bitwise(sharded_run
 
 
 def _config(root, *overrides):
-    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        return compose("config", [*TINY, f"store_root={root / 'store'}", f"runs_root={root / 'runs'}",
-                                  f"report_dir={root / 'report'}", "scorer=[overhead,fid_tiny]", *overrides])
+    return compose_config([*TINY, f"store_root={root / 'store'}", f"runs_root={root / 'runs'}",
+                           f"report_dir={root / 'report'}", "scorer=[overhead,fid_tiny]", *overrides])
 
 
+@pytest.mark.slow
 def test_scoring_shards_assemble_to_the_unsharded_tables_and_report_says_what_is_missing(sharded_run, caplog):
     whole, _ = sharded_run
     stages.score(_config(whole, "experiment_name=default", "shard=1/2"))

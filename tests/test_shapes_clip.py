@@ -7,10 +7,20 @@ from PIL import Image
 
 from evalkit.errors import MissingWeightsError, PromptError
 from evalkit.prompts import PromptSpec
-from evalkit.scoring.base import ScoredImage, build_scorer, scorer_class
-from evalkit.world.dual_encoder import TRAIN_COMMAND, WEIGHTS_FOLDER, WEIGHTS_NAME, object_phrases, weights_path
+from evalkit.scoring.base import SCORERS, ScoredImage, preflight_scorer
+from evalkit.world.dual_encoder import (
+    TRAIN_COMMAND,
+    WEIGHTS_FOLDER,
+    WEIGHTS_NAME,
+    object_phrases,
+    weights_path,
+)
 from evalkit.world.scenes import render, sample_scene
-from evalkit.world.train_shapes_clip import RENDER_RESOLUTION, draw_scenes, hard_negatives
+from evalkit.world.train_shapes_clip import (
+    RENDER_RESOLUTION,
+    draw_scenes,
+    hard_negatives,
+)
 
 CPU = torch.device("cpu")
 OK = {"seconds_per_image": 1.0, "peak_memory_bytes": None, "status": "ok"}
@@ -32,7 +42,7 @@ def scores(scorer, items: list[ScoredImage], metric: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def scorer():
-    return build_scorer({"name": "shapes_clip"}, CPU)
+    return SCORERS.build({"name": "shapes_clip"}, CPU)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +105,7 @@ def test_rows_metrics_and_min_object(scorer, renders):
     assert [(row["prompt_id"], row["metric"]) for row in rows] == [
         ("pair", "clip_full"), ("pair", "clip_min_object"), ("single", "clip_full"), ("single", "clip_min_object")
     ]
-    assert all(row["scorer"] == scorer.name for row in rows) and "sha256" in scorer.name
+    assert all(row["scorer"] == scorer.provenance for row in rows) and "sha256" in scorer.provenance
     assert -1 <= rows[0]["value"] <= 1 and -1 <= rows[2]["value"] <= 1  # raw cosine
     embedding = scorer.clip.image_embeddings([renders[pair]])[0]
     phrases = object_phrases(HELD_OUT[pair].caption)
@@ -121,23 +131,25 @@ def test_failed_images_get_no_rows(scorer, renders):
 def test_batch_size_does_not_change_scores(renders):
     items = [scored(image, scene.caption, f"{index}") for index, (scene, image) in enumerate(zip(HELD_OUT, renders))]
     items = items[::3]  # every form, a dozen images
-    one_at_a_time = build_scorer({"name": "shapes_clip", "batch_size": 1}, CPU)
-    all_at_once = build_scorer({"name": "shapes_clip", "batch_size": len(items)}, CPU)
+    one_at_a_time = SCORERS.build({"name": "shapes_clip", "batch_size": 1}, CPU)
+    all_at_once = SCORERS.build({"name": "shapes_clip", "batch_size": len(items)}, CPU)
     for metric in ("clip_full", "clip_min_object"):
         # The CPU's convolution kernels round differently at different batch sizes: a few 1e-6 apart.
         np.testing.assert_allclose(scores(one_at_a_time, items, metric), scores(all_at_once, items, metric), atol=1e-5)
 
 
 def test_prompts_outside_the_world_are_refused_before_generation():
-    check = scorer_class("shapes_clip").check_prompts
-    check({"weights": WEIGHTS_FOLDER}, [PromptSpec("p0", HELD_OUT[0].caption), PromptSpec("p1", "an orange heart")])
+    def check(specs):
+        preflight_scorer({"name": "shapes_clip", "weights": WEIGHTS_FOLDER}, ["vanilla"], specs)
+
+    check([PromptSpec("p0", HELD_OUT[0].caption), PromptSpec("p1", "an orange heart")])
     with pytest.raises(PromptError, match="p2.*not cat, dog"):
-        check({"weights": WEIGHTS_FOLDER}, [PromptSpec("p2", "a cat and a dog")])
+        check([PromptSpec("p2", "a cat and a dog")])
 
 
 def test_missing_weights_name_the_command_that_makes_them(tmp_path):
     with pytest.raises(MissingWeightsError, match=TRAIN_COMMAND):
-        build_scorer({"name": "shapes_clip", "weights": str(tmp_path)}, CPU)
+        SCORERS.build({"name": "shapes_clip", "weights": str(tmp_path)}, CPU)
 
 
 def test_committed_weights_are_small():

@@ -7,9 +7,9 @@ from omegaconf import OmegaConf
 from scipy import ndimage
 
 from evalkit.errors import ConfigError, PromptError
-from evalkit.manifest import PROJECT_ROOT
+from evalkit.paths import config_file
 from evalkit.prompts import PromptSpec
-from evalkit.scoring.base import ScoredImage, build_scorer
+from evalkit.scoring.base import SCORERS, ScoredImage
 from evalkit.scoring.shapes_detection import ShapesDetectionScorer
 from evalkit.world.detector import blank_and_noise_detections, detect, measure_accuracy
 from evalkit.world.scenes import Item, Scene, render, sample_scene
@@ -49,7 +49,7 @@ def test_rows_detection_and_colour_detection():
     miss a shape, and that name no colour."""
     scene = sample_scene(np.random.default_rng(0), "coloured_pair", ("circle", "star"), ("red", "blue"))
     image = render(scene, 128)[0]
-    scorer = build_scorer({"name": "shapes_detection"}, CPU)
+    scorer = SCORERS.build({"name": "shapes_detection"}, CPU)
     scorer.update([
         scored(0, "a red circle and a blue star", ("circle", "star"), image),
         scored(1, "a blue circle and a red star", ("circle", "star"), image),
@@ -67,12 +67,12 @@ def test_rows_detection_and_colour_detection():
         ("p2", "colour_detection_rate"): 0.0, ("p2", "colour_detection/heart"): 0.0, ("p2", "colour_detection/star"): 1.0,
         ("p3", "detection_rate"): 1.0, ("p3", "detection/star"): 1.0, ("p3", "detection/circle"): 1.0,
     }
-    assert {row["scorer"] for row in scorer.compute()} == {scorer.name} and "analytic" in scorer.name
+    assert {row["scorer"] for row in scorer.compute()} == {scorer.provenance} and "analytic" in scorer.provenance
 
 
 def test_a_subject_without_a_named_colour_counts_in_any_colour():
     scene = sample_scene(np.random.default_rng(1), "coloured_pair", ("square", "cross"), ("green", "purple"))
-    scorer = build_scorer({"name": "shapes_detection"}, CPU)
+    scorer = SCORERS.build({"name": "shapes_detection"}, CPU)
     scorer.update([scored(0, "a square and a yellow cross", ("square", "cross"), render(scene, 128)[0])])
     rows = {row["metric"]: row["value"] for row in scorer.compute()}
     assert rows["colour_detection/square"] == 1.0 and rows["colour_detection/cross"] == 0.0
@@ -92,12 +92,12 @@ def test_a_subject_without_a_named_colour_counts_in_any_colour():
 )
 def test_prompts_outside_the_world_are_refused_in_one_line(prompt, subjects, message):
     with pytest.raises(PromptError, match=message) as error:
-        ShapesDetectionScorer.check_prompt(PromptSpec("bad", prompt, subjects))
+        ShapesDetectionScorer.preflight({}, ["vanilla"], [PromptSpec("bad", prompt, subjects)])
     assert "\n" not in str(error.value) and "'bad'" in str(error.value)
 
 
 def test_config_builds_and_a_bad_threshold_is_refused():
-    config = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "scorer" / "shapes_detection.yaml"))
-    assert build_scorer(config, CPU).threshold == config["threshold"]
+    config = OmegaConf.to_container(config_file("scorer", "shapes_detection"))
+    assert SCORERS.build(config, CPU).threshold == config["threshold"]
     with pytest.raises(ConfigError, match="threshold is a shape score in"):
-        build_scorer({**config, "threshold": 1.5}, CPU)
+        SCORERS.build({**config, "threshold": 1.5}, CPU)

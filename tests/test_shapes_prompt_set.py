@@ -2,13 +2,14 @@
 layouts. tests/test_datasets.py checks, as for every set, that each row's words index in the tokenizer."""
 
 import collections
+
 import numpy as np
 import pytest
 
-from evalkit.manifest import PROJECT_ROOT
 from evalkit.models.tokenizer import clip_tokenizer
+from evalkit.paths import PROJECT_ROOT
 from evalkit.prompts import TokenIndexer, load_prompt_set, read_mask
-from evalkit.sampling.method import build_method
+from evalkit.sampling.method import METHODS
 from evalkit.scoring.shapes_detection import named_colours
 from evalkit.world.prompt_set import RESOLUTION, write_prompt_sets
 from evalkit.world.split import SEEN_PAIRS, UNSEEN_PAIRS
@@ -54,10 +55,10 @@ def test_split_forms_and_annotations(split):
 
 @pytest.mark.parametrize("split", ["seen", "unseen"])
 def test_layouts_are_a_background_and_one_disjoint_mask_per_subject(split):
-    dense_diffusion = build_method({"name": "dense_diffusion"})
+    dense_diffusion = METHODS.build({"name": "dense_diffusion"})
     indexer = TokenIndexer(clip_tokenizer())
     for spec in split_specs(split):
-        dense_diffusion.check(spec, indexer)  # phrases are words of the prompt, masks readable and binary
+        dense_diffusion.preflight(spec, indexer)  # phrases are words of the prompt, masks readable and binary
         background, *items = spec.segments
         assert background.phrase == "" and [s.phrase.split()[-1] for s in items] == list(spec.subjects)
         masks = np.stack([read_mask(segment.mask) for segment in spec.segments])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from evalkit.manifest import PROJECT_ROOT
+from evalkit.paths import PROJECT_ROOT
 from evalkit.store import ImageKey, ImageStore, atomic_write_bytes
 
 KEY = ImageKey("tiny", "vanilla@abc", "demo", "p1", 3)
@@ -57,6 +57,7 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))}
 
 
+@pytest.mark.slow
 def test_killed_generation_resumes_to_the_same_images(tmp_path):
     complete = _generate(tmp_path / "complete", tmp_path / "runs")
     assert complete.wait(timeout=300) == 0, complete.stderr.read().decode()

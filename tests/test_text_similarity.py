@@ -10,10 +10,10 @@ from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from evalkit.errors import MissingWeightsError
-from evalkit.manifest import PROJECT_ROOT
-from evalkit.scoring.base import ScoredImage, build_scorer
-from evalkit.scoring.clip_score import TINY_MODEL_CONFIG as TINY_CLIP_CONFIG
-from evalkit.scoring.clip_score import template_texts
+from evalkit.paths import PROJECT_ROOT
+from evalkit.scoring.base import SCORERS, ScoredImage
+from evalkit.scoring.clip import TINY_MODEL_CONFIG as TINY_CLIP_CONFIG
+from evalkit.scoring.clip import template_texts
 from evalkit.scoring.text_similarity import (
     CAPTION_PROMPT,
     TINY_MODEL_CONFIG,
@@ -47,7 +47,7 @@ def scored_images() -> list[ScoredImage]:
 
 
 def tiny_scorer(batch_size: int):
-    return build_scorer({"name": "text_similarity", "captioner_hub_id": "unused", "captioner_revision": "unused",
+    return SCORERS.build({"name": "text_similarity", "captioner_hub_id": "unused", "captioner_revision": "unused",
                          "tiny": True, "batch_size": batch_size}, CPU)
 
 
@@ -142,7 +142,7 @@ def test_image_preprocessing_matches_lavis_eval_transform():
 
 def test_failed_generations_get_no_rows_and_name_says_tiny(batched):
     scorer = batched
-    assert "tiny" in scorer.name and "random" in scorer.name and "'a picture of '" in scorer.name
+    assert "tiny" in scorer.provenance and "random" in scorer.provenance and "'a picture of '" in scorer.provenance
     items = scored_images()
     failed = ScoredImage(**{**items[0].__dict__, "image": None, "record": {"status": "failed"}})
     rows_before = scorer.compute()
@@ -155,6 +155,6 @@ def test_real_checkpoint_offline_is_missing_weights(monkeypatch, tmp_path):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(MissingWeightsError, match="Salesforce/blip-image-captioning-base@abc") as error:
-        build_scorer({"name": "text_similarity", "captioner_hub_id": "Salesforce/blip-image-captioning-base",
+        SCORERS.build({"name": "text_similarity", "captioner_hub_id": "Salesforce/blip-image-captioning-base",
                       "captioner_revision": "abc"}, CPU)
     assert "\n" not in str(error.value) and "hf download" in str(error.value)

@@ -11,9 +11,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from evalkit.errors import ConfigError, DatasetError, MissingWeightsError, PromptError
-from evalkit.manifest import PROJECT_ROOT
+from evalkit.paths import PROJECT_ROOT, config_file
 from evalkit.prompts import PromptSpec, load_prompt_set
-from evalkit.scoring.base import ScoredImage, build_scorer
+from evalkit.scoring.base import SCORERS, ScoredImage
 from evalkit.scoring.tifa import (
     NearestChoice,
     TifaScorer,
@@ -22,6 +22,7 @@ from evalkit.scoring.tifa import (
     tiny_sentence_encoder,
     type_metric,
 )
+from tests.conftest import compose_config
 
 CPU = torch.device("cpu")
 FIXTURES = Path(__file__).parent / "fixtures" / "tifa"
@@ -39,7 +40,7 @@ def one_thread():
 
 
 def tiny_config(**overrides) -> dict:
-    config = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "scorer" / "tifa_tiny.yaml"))
+    config = OmegaConf.to_container(config_file("scorer", "tifa_tiny"))
     return {**config, "questions": str(DEMO_QUESTIONS), **overrides}
 
 
@@ -134,12 +135,13 @@ TIFASCORE_TINY = json.loads((FIXTURES / "tifascore_tiny.json").read_text())
 @pytest.fixture(scope="module")
 def tiny_scorer() -> TifaScorer:
     config = tiny_config(batch_size=3)
-    return build_scorer({**config, "vqa": {**config["vqa"], "max_length": 50}}, CPU)  # tifascore's max_length
+    return SCORERS.build({**config, "vqa": {**config["vqa"], "max_length": 50}}, CPU)  # tifascore's max_length
 
 
 def test_tiny_scorer_equals_tifascore_on_the_same_models(tiny_scorer, monkeypatch):
-    """Batched answers (3 per generate call, grouped by question length), the mapping and the scores equal
-    tifascore's `tifa_score_single`, which asks one question per call, under transformers 4.39."""
+    """Batched answers (the questions of 3 images per VQA call, 3 per generate call, grouped by question length),
+    the mapping and the scores equal tifascore's `tifa_score_single`, which asks one question per call, under
+    transformers 4.39."""
     items = demo_items()
     asked = []
     answer = tiny_scorer.vqa.answer
@@ -156,7 +158,8 @@ def test_tiny_scorer_equals_tifascore_on_the_same_models(tiny_scorer, monkeypatc
     expected = TIFASCORE_TINY["tifa_score_single"]
     questions = load_questions(DEMO_QUESTIONS)
     entries = [entry for item in items for entry in questions[item.prompt_id]]
-    (answers,) = asked
+    assert len(asked) == -(-len(items) // 3)  # one call per batch of images
+    answers = [answer for call in asked for answer in call]
     result = score_answers(entries, answers, tiny_scorer.to_choice)
     assert result.question_details == {text_id: run["question_details"] for text_id, run in expected.items()}
     assert len(set(answers)) > 5  # the stand-in's answers differ between images and questions
@@ -166,8 +169,8 @@ def test_tiny_scorer_equals_tifascore_on_the_same_models(tiny_scorer, monkeypatc
     assert {(r["prompt_id"], r["metric"]) for r in rows} == {
         (e["id"], metric) for e in entries for metric in ("tifa", type_metric(e["element_type"]))
     }
-    assert {r["scorer"] for r in rows} == {tiny_scorer.name}
-    assert "tiny" in tiny_scorer.name and "demo_tifa_questions.json" in tiny_scorer.name
+    assert {r["scorer"] for r in rows} == {tiny_scorer.provenance}
+    assert "tiny" in tiny_scorer.provenance and "demo_tifa_questions.json" in tiny_scorer.provenance
 
 
 def test_nearest_choice_equals_tifascore_sbert():
@@ -190,7 +193,7 @@ def test_failed_generations_get_no_rows(tiny_scorer):
 def test_prompt_without_questions_is_an_error_naming_it(tiny_scorer):
     specs = [PromptSpec("animals-cat-dog", "a cat and a dog"), PromptSpec("lonely", "a lonely lighthouse")]
     with pytest.raises(PromptError, match="prompt 'lonely' .*no TIFA questions"):
-        TifaScorer.check_prompts(tiny_config(), specs)
+        TifaScorer.preflight(tiny_config(), ["vanilla"], specs)
     item = demo_items()[0]
     with pytest.raises(PromptError, match="prompt 'lonely'"):
         tiny_scorer.update([dataclasses.replace(item, prompt_id="lonely", prompt="a lonely lighthouse")])
@@ -198,21 +201,18 @@ def test_prompt_without_questions_is_an_error_naming_it(tiny_scorer):
 
 def test_questions_about_another_caption_are_an_error():
     with pytest.raises(PromptError, match="about the caption 'a cat and a dog', not the prompt 'a cat and a frog'"):
-        TifaScorer.check_prompts(tiny_config(), [PromptSpec("animals-cat-dog", "a cat and a frog")])
+        TifaScorer.preflight(tiny_config(), ["vanilla"], [PromptSpec("animals-cat-dog", "a cat and a frog")])
 
 
 def test_generate_checks_tifa_questions_before_any_image(tmp_path):
-    from hydra import compose, initialize_config_dir
-
     from evalkit import stages
 
     dataset = tmp_path / "prompts.jsonl"
     dataset.write_text('{"id": "animals-cat-dog", "prompt": "a cat and a dog"}\n{"id": "lonely", "prompt": "a lighthouse"}\n')
-    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", [
-            "model=tiny", "scorer=[tifa_tiny]", f"dataset.path={dataset}", f"dataset.tifa_questions={DEMO_QUESTIONS}",
-            f"store_root={tmp_path / 'store'}", f"runs_root={tmp_path / 'runs'}", "device=cpu",
-        ])
+    cfg = compose_config([
+        "model=tiny", "scorer=[tifa_tiny]", f"dataset.path={dataset}", f"dataset.tifa_questions={DEMO_QUESTIONS}",
+        f"store_root={tmp_path / 'store'}", f"runs_root={tmp_path / 'runs'}", "device=cpu",
+    ])
     with pytest.raises(PromptError, match="prompt 'lonely'"):
         stages.generate(cfg)
     assert not (tmp_path / "store").exists()
@@ -243,11 +243,11 @@ def test_one_id_with_two_captions_is_an_error(tmp_path):
 
 def test_configuration_errors():
     with pytest.raises(ConfigError, match="no question file"):
-        build_scorer(tiny_config(questions=None), CPU)
+        SCORERS.build(tiny_config(questions=None), CPU)
     with pytest.raises(ConfigError, match="unknown vqa backend 'mplug'"):
-        build_scorer(tiny_config(vqa={"backend": "mplug"}), CPU)
+        SCORERS.build(tiny_config(vqa={"backend": "mplug"}), CPU)
     with pytest.raises(DatasetError, match="does not exist"):
-        build_scorer(tiny_config(questions="datasets/no_such_questions.json"), CPU)
+        SCORERS.build(tiny_config(questions="datasets/no_such_questions.json"), CPU)
 
 
 def test_real_checkpoints_offline_are_missing_weights(monkeypatch, tmp_path):
@@ -255,9 +255,9 @@ def test_real_checkpoints_offline_are_missing_weights(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache, whatever this machine has downloaded
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
-    config = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "scorer" / "tifa.yaml"))
+    config = OmegaConf.to_container(config_file("scorer", "tifa"))
     with pytest.raises(MissingWeightsError, match="Salesforce/blip-vqa-capfilt-large@c6af15b") as error:
-        build_scorer({**config, "questions": str(DEMO_QUESTIONS)}, CPU)
+        SCORERS.build({**config, "questions": str(DEMO_QUESTIONS)}, CPU)
     assert "\n" not in str(error.value) and "hf download" in str(error.value)
 
 
@@ -273,7 +273,7 @@ def test_tifa_v1_prompt_set_links_to_tifa_questions():
     sample = load_questions(FIXTURES / "sample_question_answers.json")
     linked = [s for s in specs if s.id in sample]
     assert len(linked) == len(sample) == 2
-    TifaScorer.check_prompts({"questions": str(FIXTURES / "sample_question_answers.json")}, linked)
+    TifaScorer.preflight({"questions": str(FIXTURES / "sample_question_answers.json")}, ["vanilla"], linked)
 
 
 @pytest.mark.skipif(not UPSTREAM_TEXT_INPUTS.is_file(), reason="needs ../shared/data beside the checkout")

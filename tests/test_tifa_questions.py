@@ -3,7 +3,7 @@
 import pytest
 
 from evalkit.errors import DatasetError
-from evalkit.manifest import PROJECT_ROOT
+from evalkit.paths import PROJECT_ROOT
 from evalkit.scoring.tifa import load_questions
 from evalkit.tifa_questions import download, git_blob_sha1
 

@@ -18,19 +18,25 @@ from safetensors.torch import load_file
 from evalkit.errors import ConfigError, MissingWeightsError
 from evalkit.finetune.checkpoint import load_checkpoint
 from evalkit.finetune.loop import run_steps
-from evalkit.manifest import PROJECT_ROOT
 from evalkit.models.loading import load_pipeline, model_revision
+from evalkit.paths import config_file
 from evalkit.prompts import PromptSpec
 from evalkit.sampling.loop import SamplingSettings, sample
-from evalkit.sampling.method import build_method
+from evalkit.sampling.method import METHODS
 from evalkit.world.export import RunFacts, export_pipeline
 from evalkit.world.scenes import COLOURED_FORMS
 from evalkit.world.split import is_seen
-from evalkit.world.train import FORMAT, SceneBatches, WorldRecipe, draw_training_scene, train_world
+from evalkit.world.train import (
+    FORMAT,
+    SceneBatches,
+    WorldRecipe,
+    draw_training_scene,
+    train_world,
+)
 
-TINY = OmegaConf.load(PROJECT_ROOT / "conf" / "model" / "tiny.yaml")
-SHAPES = OmegaConf.load(PROJECT_ROOT / "conf" / "model" / "shapes.yaml")
-RECIPE = OmegaConf.load(PROJECT_ROOT / "conf" / "train_world" / "shapes.yaml")
+TINY = config_file("model", "tiny")
+SHAPES = config_file("model", "shapes")
+RECIPE = config_file("train_world", "shapes")
 
 
 def _config(tmp_path, max_minutes=None, failure_rates=None, **overrides):
@@ -71,6 +77,7 @@ def _shapes_model(folder):
     return OmegaConf.merge(SHAPES, {"path": str(folder)})
 
 
+@pytest.mark.slow
 def test_stages_write_checkpoints_logs_and_calls(trained):
     tmp, folder, losses = trained
     assert folder == tmp / "export"
@@ -86,6 +93,7 @@ def test_stages_write_checkpoints_logs_and_calls(trained):
     assert exported["scaling_factor"] == pytest.approx(vae.config["scaling_factor"])
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_with_the_same_data_and_losses(trained):
     """Killed after diffusion step 3 (saved at step 2): the re-run redoes steps 3 and 4 on the same batches, to the
     uninterrupted run's losses and exported weights; the log's step 3 from before the kill is replaced."""
@@ -123,6 +131,7 @@ def test_the_step_loop_checkpoints_and_stops_before_its_deadline(tmp_path):
     assert [row["step"] for row in _logged(tmp_path)] == list(range(1, done + 1))
 
 
+@pytest.mark.slow
 def test_the_export_loads_through_the_shapes_config_and_samples(trained):
     _, folder, _ = trained
     pipe = load_pipeline(_shapes_model(folder), torch.device("cpu"))
@@ -130,7 +139,7 @@ def test_the_export_loads_through_the_shapes_config_and_samples(trained):
     assert list(pipe.unet.attn_processors) == list(tiny.unet.attn_processors)  # methods find the same layers
     assert type(pipe.scheduler).__name__ == "PNDMScheduler" and pipe.unet.dtype == torch.float32
     assert pipe.tokenizer("a red circle and a blue star").input_ids == tiny.tokenizer("a red circle and a blue star").input_ids
-    result = sample(pipe, build_method({"name": "vanilla"}), PromptSpec("pair", "a circle and a square", ("circle", "square")), [0], SamplingSettings(2, 7.5, 64, 64))
+    result = sample(pipe, METHODS.build({"name": "vanilla"}), PromptSpec("pair", "a circle and a square", ("circle", "square")), [0], SamplingSettings(2, 7.5, 64, 64))
     assert result.images[0].size == (64, 64) and result.failed_step == [None]
     assert model_revision(_shapes_model(folder)).startswith("sha256:")
 
@@ -140,6 +149,7 @@ def test_missing_weights_say_how_to_make_them(tmp_path):
         load_pipeline(_shapes_model(tmp_path / "absent"), torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_the_size_cap_keeps_the_previous_export(tmp_path, trained):
     _, folder, _ = trained
     pipe = load_pipeline(_shapes_model(folder), torch.device("cpu"))
@@ -163,6 +173,7 @@ def _facts(tmp_path):
                     {"vae": 1, "diffusion": 1}, logs, [], None)
 
 
+@pytest.mark.slow
 def test_the_model_card_reports_failure_rates_only_when_measured(tmp_path, trained):
     tmp, folder, _ = trained
     card = (folder / "README.md").read_text()

@@ -1,4 +1,4 @@
-"""Finetuned cross-attention key weights as safetensors: the checkpoint `sepen` samples with, and the training
+"""Finetuned cross-attention key weights as safetensors: the checkpoint `separate_and_enhance` samples with, and the training
 state a killed finetune resumes from. Nothing here is read with pickle.
 
 `checkpoint.safetensors` holds only the `attn2.to_k.weight` tensors, named as in the UNet; its metadata holds the

@@ -38,9 +38,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
@@ -58,10 +59,14 @@ from evalkit.finetune.checkpoint import (
 from evalkit.finetune.loop import LOG_NAME, optimizer_step, run_steps, step_generator
 from evalkit.finetune.losses import enhance_loss, norm_loss, separate_loss
 from evalkit.models.loading import load_pipeline, resolve_device
+from evalkit.paths import project_path
 from evalkit.prompts import TokenIndexer
-from evalkit.sampling.attention import AttentionHooks, CrossAttentionRecorder, layers_at_resolution
+from evalkit.sampling.attention import (
+    AttentionHooks,
+    CrossAttentionRecorder,
+    layers_at_resolution,
+)
 from evalkit.sampling.smoothing import gaussian_kernel
-from evalkit.stages import project_path
 
 log = logging.getLogger("evalkit")
 
@@ -110,7 +115,7 @@ class Recipe:
     kernel_size: int = 3
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "Recipe":
+    def from_config(cls, config: Mapping[str, Any]) -> Recipe:
         recipe = recipe_from_config(cls, config, f"finetune {config.get('name')}")
         return dataclasses.replace(
             recipe,

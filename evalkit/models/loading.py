@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from diffusers import (
@@ -17,10 +18,12 @@ from diffusers import (
     PNDMScheduler,
     StableDiffusionPipeline,
 )
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from evalkit.errors import ConfigError, MissingWeightsError
-from evalkit.manifest import PROJECT_ROOT
 from evalkit.models.random_init import build_random_pipeline
+from evalkit.paths import PROJECT_ROOT
 
 # The schedulers the papers ran; each is built from the checkpoint's own scheduler config.
 SCHEDULERS = {
@@ -53,9 +56,6 @@ def pick_device(name: str, cuda_count: int, job_number: int | None) -> torch.dev
 
 def multirun_job_number() -> int | None:
     """This job's number in a Hydra multirun (hydra.job.num); None outside one."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     return int(HydraConfig.get().job.num)

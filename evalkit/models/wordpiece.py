@@ -17,7 +17,7 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _PIECES = list(string.ascii_lowercase + string.digits + ".,?!'-/")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _vocabulary_file(extra_tokens: tuple[str, ...]) -> str:
     vocab = SPECIAL_TOKENS + _PIECES + [f"##{piece}" for piece in _PIECES] + list(extra_tokens)
     folder = Path(tempfile.mkdtemp(prefix="evalkit-wordpiece-"))

@@ -15,6 +15,7 @@ import pandas as pd
 SCORE_GROUP = ["model", "dataset", "variant", "method", "metric", "scorer"]
 PAIR_KEYS = ["prompt_id", "seed"]
 SECONDS_METRIC = "seconds_per_image"
+OVERHEAD_METRIC = "overhead"  # (T - T0) / T0 against the baseline: a headline column and a paper's cell
 # Resample indices are drawn in blocks of at most this many, so large score sets bootstrap in bounded memory.
 _MAX_BLOCK_INDICES = 1 << 22
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from evalkit.records import SCORE_COLUMNS
 from evalkit.sharding import Shard
 
-SCORE_COLUMNS = ["model", "method", "variant", "dataset", "prompt_id", "seed", "metric", "value", "scorer"]
 _EXAMPLES = 5  # images named in a missing entry; the rest are counted
 
 

@@ -10,12 +10,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from evalkit.records import RATE_METRIC, SUBJECT_METRIC_PREFIX
 from evalkit.reporting.aggregate import bootstrap_ci
-from evalkit.reporting.plots import _panel_grid, _save
-from evalkit.reporting.render import (
-    MISSING, Gallery, Paragraph, Picture, Section, Table, VariantLabels, _file_stem, _interval,
+from evalkit.reporting.document import (
+    MISSING,
+    Gallery,
+    Paragraph,
+    Picture,
+    Section,
+    Table,
+    file_stem,
+    interval_text,
 )
-from evalkit.scoring.detection import RATE_METRIC, SUBJECT_METRIC_PREFIX
+from evalkit.reporting.labels import VariantLabels
+from evalkit.reporting.plots import panel_grid, save_figure
 
 IMAGE_KEYS = ["model", "variant", "dataset", "prompt_id", "seed"]
 PEAK, OVERLAP = "subject peak", "subject overlap"
@@ -60,7 +68,7 @@ def _against_step_plot(path: Path, frame: pd.DataFrame, labels: VariantLabels) -
     """One panel per statistic: per variant, the mean over images against the loop index, with a band of +-1.96
     standard errors."""
     statistics = [statistic for statistic in (PEAK, OVERLAP) if statistic in set(frame["statistic"])]
-    figure, axes = _panel_grid(len(statistics), 2, (6.0, 4.0))
+    figure, axes = panel_grid(len(statistics), 2, (6.0, 4.0))
     variants = labels.ordered(zip(frame["model"], frame["variant"]))
     for axis, statistic in zip(axes, statistics):
         images = _per_image(frame[frame["statistic"] == statistic], ["step"])
@@ -77,14 +85,14 @@ def _against_step_plot(path: Path, frame: pd.DataFrame, labels: VariantLabels) -
         axis.set_xlabel("loop index (denoising step)")
         axis.set_ylabel(f"{statistic} (mean over images)")
     figure.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def _by_outcome_plot(path: Path, peaks: pd.DataFrame, labels: VariantLabels) -> None:
     """One panel per variant: the mean subject peak against the loop index, over the subjects the detector found
     and over those it did not."""
     variants = labels.ordered(zip(peaks["model"], peaks["variant"]))
-    figure, axes = _panel_grid(len(variants), 4, (4.0, 3.0), sharey=True)
+    figure, axes = panel_grid(len(variants), 4, (4.0, 3.0), sharey=True)
     for axis, (model, variant) in zip(axes, variants):
         rows = peaks[(peaks["model"] == model) & (peaks["variant"] == variant)]
         for detected, style, name in ((1.0, "-", "detected"), (0.0, "--", "not detected")):
@@ -97,13 +105,13 @@ def _by_outcome_plot(path: Path, peaks: pd.DataFrame, labels: VariantLabels) -> 
         axis.set_xlabel("loop index")
         axis.legend(fontsize="x-small", loc="best")
     axes[0].set_ylabel(PEAK)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def _estimate_cell(values: pd.Series) -> str:
     if values.empty:
         return MISSING
-    return _interval(*bootstrap_ci(values.to_numpy()))
+    return interval_text(*bootstrap_ci(values.to_numpy()))
 
 
 def _outcome_table(long: pd.DataFrame, detections: pd.DataFrame, rates: pd.DataFrame, labels: VariantLabels) -> Table:
@@ -139,7 +147,7 @@ def diagnostics_sections(out_dir: Path, records: pd.DataFrame, scores: pd.DataFr
     subject_rows = scores[scores["metric"].astype(str).str.startswith(SUBJECT_METRIC_PREFIX)]
     rate_rows = scores[scores["metric"] == RATE_METRIC]
     for dataset, frame in long.groupby("dataset", sort=True):
-        path = f"plots/{_file_stem(f'{dataset}__attention_diagnostics', used_stems)}.png"
+        path = f"plots/{file_stem(f'{dataset}__attention_diagnostics', used_stems)}.png"
         _against_step_plot(out_dir / path, frame, labels)
         pictures.append(Picture(path, f"{dataset}: subject peak and subject overlap against the loop index, per "
                                       "variant (mean over images, each image's mean over its subjects or pairs; band: "
@@ -153,7 +161,7 @@ def diagnostics_sections(out_dir: Path, records: pd.DataFrame, scores: pd.DataFr
                                _outcome_table(frame, detections, rates, labels)]
             peaks = frame[frame["statistic"] == PEAK].merge(detections, on=[*IMAGE_KEYS, "item"])
             if not peaks.empty:
-                path = f"plots/{_file_stem(f'{dataset}__attention_by_detection', used_stems)}.png"
+                path = f"plots/{file_stem(f'{dataset}__attention_by_detection', used_stems)}.png"
                 _by_outcome_plot(out_dir / path, peaks, labels)
                 outcome_blocks.append(Gallery([Picture(path, (
                     f"{dataset}: per variant, the subject peak against the loop index for the subjects the detector "

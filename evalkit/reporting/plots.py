@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -51,13 +51,13 @@ class Panel:
     estimates: dict[str, Estimate]
 
 
-def _save(figure: Figure, path: Path) -> None:
+def save_figure(figure: Figure, path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _panel_grid(count: int, per_row: int, panel_size: tuple[float, float], sharey: bool = False):
+def panel_grid(count: int, per_row: int, panel_size: tuple[float, float], sharey: bool = False):
     columns = min(count, per_row)
     rows = math.ceil(count / columns)
     figure = Figure(figsize=(panel_size[0] * columns, panel_size[1] * rows), layout="constrained")
@@ -90,7 +90,7 @@ def _verdict_colour(estimate: Estimate, higher_is_better: bool | None) -> str:
 def forest_plot(path: Path, rows: Sequence[str], panels: Sequence[Panel], baseline: str) -> None:
     """One panel per metric: each row's paired difference from the baseline with its interval, and the zero line.
     Rows (methods) read top to bottom in the order given."""
-    figure, axes_list = _panel_grid(len(panels), _FOREST_PANELS_PER_ROW, (3.2, 0.9 + 0.32 * len(rows)), sharey=True)
+    figure, axes_list = panel_grid(len(panels), _FOREST_PANELS_PER_ROW, (3.2, 0.9 + 0.32 * len(rows)), sharey=True)
     positions = np.arange(len(rows))[::-1]
     for axes, panel in zip(axes_list, panels):
         bounds = []
@@ -112,7 +112,7 @@ def forest_plot(path: Path, rows: Sequence[str], panels: Sequence[Panel], baseli
         axes.grid(axis="x", color="#dddddd", linewidth=0.5)
     axes_list[0].set_yticks(positions, rows)
     axes_list[0].set_ylim(-0.6, len(rows) - 0.4)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def _spread_labels(figure: Figure, labels_per_axes: list[list[Annotation]]) -> None:
@@ -140,7 +140,7 @@ def compute_plot(
     """One panel per metric: each method's mean against its mean seconds per image, both with intervals, every point
     labelled beside it. `seed_spending`: the methods that spend compute on more seeds of plain sampling (the
     baseline and best-of-n variants), joined by a dashed line in order of seconds, the curve the others must beat."""
-    figure, axes_list = _panel_grid(len(panels), _COMPUTE_PANELS_PER_ROW, (4.2, 3.4))
+    figure, axes_list = panel_grid(len(panels), _COMPUTE_PANELS_PER_ROW, (4.2, 3.4))
     all_seconds = [estimate.mean for estimate in seconds.values() if estimate.mean > 0]
     log_seconds = bool(all_seconds) and max(all_seconds) / min(all_seconds) > _LOG_SECONDS_RATIO
     labels_per_axes = []
@@ -174,4 +174,4 @@ def compute_plot(
         axes.tick_params(labelsize=8)
         axes.grid(color="#eeeeee", linewidth=0.5)
     _spread_labels(figure, labels_per_axes)
-    _save(figure, path)
+    save_figure(figure, path)

@@ -11,9 +11,12 @@ file the paper's prompts come from.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from evalkit.errors import ConfigError
+from evalkit.records import RATE_METRIC
+from evalkit.scoring.base import SCORERS
 
 # Item key -> the label the report prints, in the report's order.
 PROTOCOL_ITEMS = {
@@ -72,10 +75,7 @@ def scheduler_text(name: str, options: Mapping[str, Any] | None) -> str:
 
 def _detector_configs(scoring_manifests: list[dict]) -> list[dict]:
     """The configs of the scorers that produced a detection rate (the experiment's detectors)."""
-    from evalkit.scoring.base import scorer_class
-    from evalkit.scoring.detection import RATE_METRIC
-
-    return [m["config"] for m in scoring_manifests if RATE_METRIC in scorer_class(m["config"]["name"]).metrics]
+    return [m["config"] for m in scoring_manifests if RATE_METRIC in SCORERS[m["config"]["name"]].metrics]
 
 
 def our_protocol(manifests: list[dict]) -> dict[str, set[str]]:

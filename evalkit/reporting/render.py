@@ -13,18 +13,17 @@ Both documents are rendered from one list of sections, so they always show the s
 from __future__ import annotations
 
 import dataclasses
-import html
 import io
 import json
-import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from evalkit.reporting.aggregate import (
+    OVERHEAD_METRIC,
     SECONDS_METRIC,
     failures,
     paired_difference,
@@ -34,122 +33,39 @@ from evalkit.reporting.aggregate import (
     summarize_sets,
 )
 from evalkit.reporting.completeness import Missing
+from evalkit.reporting.diagnostics import diagnostics_sections
+from evalkit.reporting.document import (
+    MISSING,
+    Block,
+    Details,
+    Gallery,
+    JsonBlock,
+    Link,
+    Paragraph,
+    Picture,
+    Section,
+    Table,
+    file_stem,
+    html_document,
+    interval_text,
+    markdown_document,
+)
+from evalkit.reporting.labels import VariantLabels
+from evalkit.reporting.paper_table import PaperTable
 from evalkit.reporting.plots import Estimate, Panel, compute_plot, forest_plot
-from evalkit.reporting.protocol import DIFFERS, check_protocol, compare_protocol
+from evalkit.reporting.protocol import DIFFERS, compare_protocol
+from evalkit.sampling.method import METHODS
 from evalkit.store import atomic_write_bytes
 
 PEAK_MEMORY_METRIC = "peak_memory_mb"
 # Compute metrics get their own table; the quality tables and paired differences leave them out.
 COMPUTE_METRICS = (SECONDS_METRIC, PEAK_MEMORY_METRIC)
-OVERHEAD_METRIC = "overhead"  # (T - T0) / T0 against the baseline: a headline column and a paper's cell
 # Methods that spend their extra compute on seeds of plain sampling; with the baseline they draw the curve on the
 # quality-against-compute plot that a method must beat at its seconds per image.
 SEED_SPENDING_METHODS = ("best_of_n",)
 GRID_CELL_PX = 192
 GRIDS_INLINE = 4  # grids per dataset on the main page; the dataset's grid page has every prompt
-MISSING = "–"
 VERIFIER_MARK = " †"  # beside a value of the metric its method selected images by
-
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
-.notice { border: 3px solid #c0392b; background: #fdecea; padding: 1em; font-size: 1.2em; font-weight: bold; }
-table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }
-th, td { border: 1px solid #ccc; padding: .3em .5em; text-align: left; vertical-align: top; }
-th { background: #f4f4f4; }
-details { margin: .6em 0; }
-summary { cursor: pointer; font-weight: 600; }
-figure { display: inline-block; margin: .5em; vertical-align: top; max-width: 100%; }
-figure img { max-width: 100%; height: auto; }
-figcaption { max-width: 40em; }
-pre { background: #f8f8f8; padding: 1em; overflow: auto; }
-"""
-
-
-@dataclasses.dataclass
-class Table:
-    headers: list[str]
-    rows: list[list[str]]
-    bold: frozenset[tuple[int, int]] = frozenset()  # (row, column) cells shown in bold
-
-
-@dataclasses.dataclass
-class Paragraph:
-    text: str
-
-
-@dataclasses.dataclass
-class JsonBlock:
-    summary: str
-    json_text: str
-
-
-@dataclasses.dataclass
-class Picture:
-    path: str  # relative to the document that shows it
-    caption: str
-
-
-@dataclasses.dataclass
-class Gallery:
-    """Shown as images in both documents."""
-
-    pictures: list[Picture]
-
-
-@dataclasses.dataclass
-class Link:
-    """A link to another page of the report: its HTML version from index.html, its Markdown one from README.md."""
-
-    text: str
-    html_path: str
-    markdown_path: str
-
-
-@dataclasses.dataclass
-class Details:
-    """Collapsed until opened: breakdowns a reader asks for, not the first thing they see."""
-
-    summary: str
-    blocks: list["Block"]
-
-
-Block = Table | Paragraph | JsonBlock | Gallery | Link | Details
-
-
-@dataclasses.dataclass
-class Section:
-    heading: str
-    blocks: list[Block]
-
-
-class VariantLabels:
-    """Names variants as the method, plus @hash only where a method has several variants, plus the model where
-    the report covers several models; orders them baseline first."""
-
-    def __init__(self, frames: Iterable[pd.DataFrame], baseline_method: str):
-        variants = pd.concat([frame[["model", "method", "variant"]] for frame in frames]).drop_duplicates()
-        variants_per_method = variants.groupby("method")["variant"].nunique()
-        several_models = variants["model"].nunique() > 1
-        self._labels: dict[tuple[str, str], str] = {}
-        self._methods: dict[tuple[str, str], str] = {}
-        self._sort_keys: dict[tuple[str, str], tuple] = {}
-        for model, method, variant in variants.itertuples(index=False):
-            label = variant if variants_per_method[method] > 1 else method
-            self._labels[(model, variant)] = f"{label} ({model})" if several_models else label
-            self._methods[(model, variant)] = method
-            self._sort_keys[(model, variant)] = (model, method != baseline_method, label)
-
-    def knows(self, model: str, variant: str) -> bool:
-        return (model, variant) in self._labels
-
-    def label(self, model: str, variant: str) -> str:
-        return self._labels[(model, variant)]
-
-    def method(self, model: str, variant: str) -> str:
-        return self._methods[(model, variant)]
-
-    def ordered(self, keys: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-        return sorted(set(keys), key=self._sort_keys.__getitem__)
 
 
 def _metric_labels(summary: pd.DataFrame) -> dict[tuple[str, str], str]:
@@ -160,33 +76,6 @@ def _metric_labels(summary: pd.DataFrame) -> dict[tuple[str, str], str]:
         (metric, scorer): f"{metric} [{scorer}]" if scorers_per_metric[metric] > 1 else metric
         for metric, scorer in pairs.itertuples(index=False)
     }
-
-
-def _file_stem(name: str, used: set[str]) -> str:
-    """A file-system and URL safe stem for `name`, distinct from those already in `used`."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "unnamed"
-    candidate, number = stem, 1
-    while candidate in used:
-        number += 1
-        candidate = f"{stem}_{number}"
-    used.add(candidate)
-    return candidate
-
-
-@dataclasses.dataclass
-class PaperTable:
-    """The published table an experiment reproduces: its name, and its cells (`reports/references/*.csv` rows:
-    model, dataset, method, metric, value, paper_text, source), or why they are not available; and the paper's
-    protocol item by item (evalkit/reporting/protocol.py), compared with ours."""
-
-    title: str
-    cells: pd.DataFrame | None
-    not_available: str | None = None
-    protocol: Mapping[str, Any] | None = None
-
-    def __post_init__(self):
-        if self.protocol is not None:
-            check_protocol(self.protocol)
 
 
 @dataclasses.dataclass
@@ -269,28 +158,16 @@ def _arrow(higher_is_better: bool | None) -> str:
     return {True: " ↑", False: " ↓", None: ""}[higher_is_better]
 
 
-def _interval(mean: float, low: float, high: float, sign: str = "", decimals: int = 3) -> str:
-    """mean [low, high] with `decimals` decimals, more where the interval is too narrow for them to print its ends
-    apart (differences of LPIPS are often 1e-4); `sign` "+" prints the sign of a difference."""
-    if np.isnan(mean):
-        return MISSING
-    width = high - low
-    if width > 0:
-        decimals = int(min(6, max(decimals, 1 - np.floor(np.log10(width)))))
-    number_format = f"{sign}.{decimals}f"
-    return f"{mean:{number_format}} [{low:{number_format}}, {high:{number_format}}]"
-
-
 def _estimate_text(estimate: Estimate | None, metric: str, sign: str = "") -> str:
     """Mean [interval] (`sign` "+": of a difference); the overhead in percent; a set-level value (no interval)
     alone."""
     if estimate is None or np.isnan(estimate.mean):
         return MISSING
     if metric == OVERHEAD_METRIC:
-        return _interval(100 * estimate.mean, 100 * estimate.low, 100 * estimate.high, "+", decimals=1)
+        return interval_text(100 * estimate.mean, 100 * estimate.low, 100 * estimate.high, "+", decimals=1)
     if np.isnan(estimate.low):
         return f"{estimate.mean:{sign}.3f}"
-    return _interval(estimate.mean, estimate.low, estimate.high, sign)
+    return interval_text(estimate.mean, estimate.low, estimate.high, sign)
 
 
 def _best_marks(numbers: _Numbers, metric: str, variants: Sequence[tuple[str, str]],
@@ -369,8 +246,8 @@ def _disagreement(per_image: pd.DataFrame, dataset: str, metric: str) -> pd.Seri
 
 def _grid_page(out_dir: Path, stem: str, title: str, notice: str | None, sections: list[Section]) -> Link:
     """Writes grids/<stem>.html and .md (pictures relative to grids/) and returns the link to them."""
-    atomic_write_bytes(out_dir / "grids" / f"{stem}.md", _markdown(title, notice, sections).encode("utf-8"))
-    atomic_write_bytes(out_dir / "grids" / f"{stem}.html", _html(title, notice, sections).encode("utf-8"))
+    atomic_write_bytes(out_dir / "grids" / f"{stem}.md", markdown_document(title, notice, sections).encode("utf-8"))
+    atomic_write_bytes(out_dir / "grids" / f"{stem}.html", html_document(title, notice, sections).encode("utf-8"))
     return Link(title, f"grids/{stem}.html", f"grids/{stem}.md")
 
 
@@ -395,7 +272,7 @@ def _grids_section(
                             key=lambda prompt_id: (-spread.get(prompt_id, -np.inf), prompt_id))
         pictures = []
         for prompt_id in prompt_ids[:max_grids]:
-            stem = _file_stem(f"{dataset}__{prompt_id}", used_stems)
+            stem = file_stem(f"{dataset}__{prompt_id}", used_stems)
             _draw_grid(out_dir / "grids" / f"{stem}.png", images[images["prompt_id"] == prompt_id], numbers.labels)
             caption = f"{dataset} / {prompt_id}: {prompts.get((dataset, prompt_id), '')}"
             if prompt_id in spread.index:
@@ -405,7 +282,7 @@ def _grids_section(
                  f"prompt's mean {ranked_by}, largest first." if ranked_by else "Prompts in the order of their ids.")
         shown = f" Showing {len(pictures)} of {len(prompt_ids)} prompts." if len(prompt_ids) > len(pictures) else ""
         page_title = f"{title}: image grids, {dataset}"
-        link = _grid_page(out_dir, _file_stem(dataset, used_stems), page_title, notice, [
+        link = _grid_page(out_dir, file_stem(dataset, used_stems), page_title, notice, [
             Section(f"Image grids: {dataset}", [Paragraph(order + shown), Gallery(pictures),
                                                  Link("Back to the report", "../index.html", "../README.md")]),
         ])
@@ -456,7 +333,7 @@ def _plots_section(out_dir: Path, numbers: _Numbers) -> Section | None:
         ]
         forest_panels = [panel for panel in forest_panels if panel.estimates]
         if forest_panels:
-            path = f"plots/{_file_stem(f'{dataset}__paired_differences', used_stems)}.png"
+            path = f"plots/{file_stem(f'{dataset}__paired_differences', used_stems)}.png"
             rows = [numbers.labels.label(*key) for key in compared]
             forest_plot(out_dir / path, rows, forest_panels, numbers.baseline)
             pictures.append(Picture(path, (
@@ -482,7 +359,7 @@ def _plots_section(out_dir: Path, numbers: _Numbers) -> Section | None:
                  and numbers.labels.method(model, variant) in (numbers.baseline, *SEED_SPENDING_METHODS)]
                 for curve_model in sorted({model for model, _ in variants})
             ]
-            path = f"plots/{_file_stem(f'{dataset}__quality_vs_compute', used_stems)}.png"
+            path = f"plots/{file_stem(f'{dataset}__quality_vs_compute', used_stems)}.png"
             compute_plot(out_dir / path, seconds, compute_panels, colours, seed_spending)
             pictures.append(Picture(path, (
                 f"{dataset}: each method's headline metric against its mean seconds per image, both with 95% "
@@ -571,7 +448,7 @@ def _breakdowns_section(numbers: _Numbers, records: pd.DataFrame) -> Section | N
     for dataset in numbers.datasets():
         variants = numbers.variants(dataset)
 
-        def best_of_row(metric: str, row_estimates: Sequence[Estimate | None]) -> set[int]:
+        def best_of_row(metric: str, row_estimates: Sequence[Estimate | None], variants=variants) -> set[int]:
             return _best_marks(numbers, metric, variants, row_estimates)
 
         quality = numbers.summary[(numbers.summary["dataset"] == dataset)
@@ -673,10 +550,10 @@ def _compute_section(
                 dataset,
                 labels.label(model, variant),
                 batches,
-                MISSING if seconds is None else _interval(seconds.mean, seconds.ci_low, seconds.ci_high),
+                MISSING if seconds is None else interval_text(seconds.mean, seconds.ci_low, seconds.ci_high),
                 MISSING
                 if variant_overhead is None
-                else _interval(
+                else interval_text(
                     100 * variant_overhead.overhead, 100 * variant_overhead.ci_low, 100 * variant_overhead.ci_high, "+", 1
                 ),
             ]
@@ -735,7 +612,7 @@ def _paper_section(paper: PaperTable, summary: pd.DataFrame, overhead: pd.DataFr
                 labels.label(row.model, row.variant) if measured else row.method,
                 row.metric,
                 str(row.paper_text),
-                _interval(scale * row.mean, scale * row.ci_low, scale * row.ci_high, decimals=decimals) if measured else MISSING,
+                interval_text(scale * row.mean, scale * row.ci_low, scale * row.ci_high, decimals=decimals) if measured else MISSING,
                 inside,
             ]
         )
@@ -816,9 +693,7 @@ def _draw_grid(path: Path, images: pd.DataFrame, labels: VariantLabels) -> None:
 
 def _method_notes_section(records: pd.DataFrame) -> Section | None:
     """What each method in the report declares about its implementation (`Method.report_note`)."""
-    from evalkit.sampling.method import registered_methods
-
-    known = registered_methods()
+    known = METHODS.classes()
     names = sorted(set(records["method"])) if "method" in records else []
     notes = [(name, known[name].report_note) for name in names if name in known and known[name].report_note]
     if not notes:
@@ -848,93 +723,6 @@ def _manifests_section(manifests: list[dict]) -> Section:
         for index, manifest in enumerate(manifests, start=1)
     ]
     return Section("Manifests", blocks)
-
-
-def _markdown_text(text: str) -> str:
-    """Escaped so that user text shows literally: no raw HTML, no table or link breaking characters."""
-    return re.sub(r"([\\|\[\]`*])", r"\\\1", html.escape(str(text), quote=False))
-
-
-def _markdown_block(block: Block) -> str:
-    match block:
-        case Paragraph(text):
-            return _markdown_text(text)
-        case Table(headers, rows, bold):
-            def cell(row: int, column: int, text: str) -> str:
-                return f"**{_markdown_text(text)}**" if (row, column) in bold else _markdown_text(text)
-
-            lines = ["| " + " | ".join(_markdown_text(header) for header in headers) + " |"]
-            lines.append("|" + "---|" * len(headers))
-            lines += ["| " + " | ".join(cell(r, c, text) for c, text in enumerate(row)) + " |" for r, row in enumerate(rows)]
-            return "\n".join(lines)
-        case JsonBlock(summary, json_text):
-            # A fence longer than any backtick run inside the JSON cannot be closed by it.
-            longest_run = max((len(run) for run in re.findall(r"`+", json_text)), default=0)
-            fence = "`" * max(3, longest_run + 1)
-            return f"**{_markdown_text(summary)}**\n\n{fence}json\n{json_text}\n{fence}"
-        case Gallery(pictures):
-            return "\n\n".join(f"![{_markdown_text(picture.caption)}]({picture.path})" for picture in pictures)
-        case Link(text, _, markdown_path):
-            return f"[{_markdown_text(text)}]({markdown_path})"
-        case Details(summary, blocks):
-            # GitHub renders Markdown inside <details> when blank lines set it apart from the tags.
-            inner = "\n\n".join(_markdown_block(inner_block) for inner_block in blocks)
-            return f"<details><summary>{html.escape(summary)}</summary>\n\n{inner}\n\n</details>"
-
-
-def _markdown(title: str, notice: str | None, sections: list[Section]) -> str:
-    parts = []
-    if notice:
-        parts.append(f"> **⚠ {_markdown_text(notice)}**")
-    parts.append(f"# {_markdown_text(title)}")
-    for section in sections:
-        parts.append(f"## {_markdown_text(section.heading)}")
-        parts += [_markdown_block(block) for block in section.blocks]
-    return "\n\n".join(parts) + "\n"
-
-
-def _html_block(block: Block) -> str:
-    escape = html.escape
-    match block:
-        case Paragraph(text):
-            return f"<p>{escape(text)}</p>"
-        case Table(headers, rows, bold):
-            def cell(row: int, column: int, text: str) -> str:
-                return f"<td><strong>{escape(text)}</strong></td>" if (row, column) in bold else f"<td>{escape(text)}</td>"
-
-            head = "".join(f"<th>{escape(header)}</th>" for header in headers)
-            body = "".join("<tr>" + "".join(cell(r, c, text) for c, text in enumerate(row)) + "</tr>"
-                           for r, row in enumerate(rows))
-            return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-        case JsonBlock(summary, json_text):
-            return f"<details><summary>{escape(summary)}</summary><pre>{escape(json_text)}</pre></details>"
-        case Gallery(pictures):
-            return "".join(
-                f'<figure><a href="{escape(picture.path)}"><img src="{escape(picture.path)}" '
-                f'alt="{escape(picture.caption)}"></a><figcaption>{escape(picture.caption)}</figcaption></figure>'
-                for picture in pictures
-            )
-        case Link(text, html_path, _):
-            return f'<p><a href="{escape(html_path)}">{escape(text)}</a></p>'
-        case Details(summary, blocks):
-            inner = "".join(_html_block(inner_block) for inner_block in blocks)
-            return f"<details><summary>{escape(summary)}</summary>{inner}</details>"
-
-
-def _html(title: str, notice: str | None, sections: list[Section]) -> str:
-    body = []
-    if notice:
-        body.append(f'<div class="notice" role="alert">⚠ {html.escape(notice)}</div>')
-    body.append(f"<h1>{html.escape(title)}</h1>")
-    for section in sections:
-        body.append(f"<h2>{html.escape(section.heading)}</h2>")
-        body += [_html_block(block) for block in section.blocks]
-    return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-        + "\n".join(body)
-        + "\n</body>\n</html>\n"
-    )
 
 
 def _verifiers(records: pd.DataFrame) -> dict[tuple[str, str, str], tuple[str, str]]:
@@ -991,8 +779,6 @@ def write_report(
         metric_info, baseline_method, list(headline_metrics or default_headline(metric_info)), _verifiers(records),
     )
     protocol, protocol_note = _protocol_section(paper, manifests)
-    from evalkit.reporting.diagnostics import diagnostics_sections  # it builds on this module's blocks
-
     sections = [
         _missing_section(missing, labels),
         *_headline_sections(numbers, paper, protocol_note),
@@ -1012,7 +798,7 @@ def write_report(
     ]
     sections = [section for section in sections if section is not None]
     # Written whole or not at all, after the plots and grids they show: a killed report leaves no partial page.
-    atomic_write_bytes(out_dir / "README.md", _markdown(title, notice, sections).encode("utf-8"))
+    atomic_write_bytes(out_dir / "README.md", markdown_document(title, notice, sections).encode("utf-8"))
     index_path = out_dir / "index.html"
-    atomic_write_bytes(index_path, _html(title, notice, sections).encode("utf-8"))
+    atomic_write_bytes(index_path, html_document(title, notice, sections).encode("utf-8"))
     return index_path

@@ -11,7 +11,8 @@ active the layer's own processor gives the output and the probabilities are comp
 from __future__ import annotations
 
 import re
-from typing import Iterable, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 from diffusers.models.attention_processor import Attention
@@ -186,7 +187,7 @@ class AttentionHooks:
         self.observer = observer
         self._saved: dict | None = None
 
-    def install(self) -> "AttentionHooks":
+    def install(self) -> AttentionHooks:
         self._saved = dict(self.unet.attn_processors)
         processors = dict(self._saved)
         for layer in self.layers:

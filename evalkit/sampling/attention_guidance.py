@@ -27,7 +27,11 @@ import numpy as np
 import torch
 
 from evalkit.errors import ConfigError
-from evalkit.sampling.attention import AttentionHooks, CrossAttentionRecorder, layers_at_resolution
+from evalkit.sampling.attention import (
+    AttentionHooks,
+    CrossAttentionRecorder,
+    layers_at_resolution,
+)
 from evalkit.sampling.method import Method
 from evalkit.sampling.smoothing import gaussian_kernel, smooth
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from diffusers.models.attention_processor import Attention
@@ -26,9 +26,9 @@ from evalkit.sampling.attention import ExplicitAttnProcessor
 
 log = logging.getLogger("evalkit")
 
-_GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
-_FAILED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
-_MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+_GRAPHS: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
+_FAILED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+_MODULES: weakref.WeakKeyDictionary[torch.nn.Module, list] = weakref.WeakKeyDictionary()
 
 
 class CapturedCall:

@@ -30,7 +30,12 @@ import math
 import torch
 
 from evalkit.errors import ConfigError
-from evalkit.sampling.attention import CrossAttentionRecorder, attention_layers, layer_downsampling, layers_at_resolution
+from evalkit.sampling.attention import (
+    CrossAttentionRecorder,
+    attention_layers,
+    layer_downsampling,
+    layers_at_resolution,
+)
 from evalkit.sampling.attention_guidance import token_maps
 from evalkit.sampling.smoothing import gaussian_kernel
 
@@ -79,7 +84,7 @@ class AttentionDiagnostics:
         self.active = False
 
     @classmethod
-    def for_run(cls, run, resolution: int) -> "AttentionDiagnostics | None":
+    def for_run(cls, run, resolution: int) -> AttentionDiagnostics | None:
         """The observer of a sampling call; None for a prompt without subjects (nothing to measure)."""
         missing = missing_resolution(run.unet, run.latent_size, resolution)
         if missing is not None:

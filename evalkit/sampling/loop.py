@@ -136,7 +136,7 @@ def sample(
     diagnostics to record (None: none)."""
     device = pipe.unet.device
     indexer = indexer or TokenIndexer(pipe.tokenizer)
-    method.check(spec, indexer)
+    method.preflight(spec, indexer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _synchronize(device)

@@ -1,56 +1,20 @@
-"""The plugin contract between the shared denoising loop and a method, and the method registry."""
+"""The plugin contract between the shared denoising loop and a method, and the method registry: a method is a
+`@METHODS.register` dataclass in `evalkit/methods/<name>.py`, configured by `conf/method/<name>.yaml`."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from evalkit.errors import ConfigError, PromptError
+from evalkit.errors import PromptError
 from evalkit.prompts import PromptSpec
+from evalkit.registry import Registry
 
 if TYPE_CHECKING:
     from evalkit.sampling.loop import DenoisingRun, SampleResult
-
-METHODS: dict[str, type["Method"]] = {}
-
-
-def register_method(cls: type["Method"]) -> type["Method"]:
-    """Class decorator: makes the method selectable as `method=<cls.name>`."""
-    if cls.name in METHODS:
-        raise RuntimeError(f"method {cls.name!r} registered twice")
-    METHODS[cls.name] = cls
-    return cls
-
-
-def registered_methods() -> dict[str, type["Method"]]:
-    """Every method by name (importing `methods` registers each method module)."""
-    import methods  # noqa: F401
-
-    return METHODS
-
-
-def method_class(name: str) -> type["Method"]:
-    known = registered_methods()
-    if name not in known:
-        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(known))}")
-    return known[name]
-
-
-def build_method(config: Mapping[str, Any]) -> "Method":
-    """Instantiate the method a `conf/method/*.yaml` describes: `name` plus the method's parameters."""
-    params = dict(config)
-    name = params.pop("name", None)
-    cls = method_class(name)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(params) - fields
-    if unknown:
-        raise ConfigError(f"method {name}: unknown parameter(s) {sorted(unknown)}; it takes {sorted(fields)}")
-    try:
-        return cls(**params)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"method {name}: {error}") from None
 
 
 @dataclasses.dataclass
@@ -66,7 +30,7 @@ class Method:
     requires: ClassVar[tuple[str, ...]] = ()
     report_note: ClassVar[str | None] = None
 
-    def check(self, spec: PromptSpec, indexer) -> None:
+    def preflight(self, spec: PromptSpec, indexer) -> None:
         """Fail before any generation if the prompt is too long, lacks what the method needs or names words not in
         it. Every method refuses a prompt past the text encoder's length rather than have it silently truncated."""
         indexer.check_length(spec.id, spec.prompt)
@@ -82,7 +46,7 @@ class Method:
         """Take from the experiment's scorer configs (by key) what the method needs beyond its own parameters, or
         raise ConfigError; called before any model loads. Most methods need nothing (best_of_n: its verifier)."""
 
-    def sample_images(self, sample_call: Callable[[list[int]], "SampleResult"], spec: PromptSpec, seeds: list[int]) -> "SampleResult":
+    def sample_images(self, sample_call: Callable[[list[int]], SampleResult], spec: PromptSpec, seeds: list[int]) -> SampleResult:
         """The images of `seeds` for `spec`: one call of the shared loop with this method (`sample_call(seeds)`). A
         method that spends its compute on more seeds (best_of_n) samples candidates and keeps some."""
         return sample_call(seeds)
@@ -92,16 +56,19 @@ class Method:
         the benchmark times it as that many vanilla images plus its verifier. None: the method changes sampling."""
         return None
 
-    def setup(self, run: "DenoisingRun") -> None:
+    def setup(self, run: DenoisingRun) -> None:
         """Called once per sampling call, after the prompt is encoded and the initial latents drawn."""
 
-    def teardown(self, run: "DenoisingRun") -> None:
+    def teardown(self, run: DenoisingRun) -> None:
         """Undo whatever `setup` installed; called even if setup or sampling fails part-way."""
 
-    def update_latents(self, run: "DenoisingRun", i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def update_latents(self, run: DenoisingRun, i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """Change the latents before loop step `i` (gradient steps on a loss over attention maps)."""
         return latents
 
-    def predict_noise(self, run: "DenoisingRun", i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def predict_noise(self, run: DenoisingRun, i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """The noise prediction the scheduler steps with; classifier-free guidance by default."""
         return run.guided_noise(t, latents)
+
+
+METHODS: Registry[Method] = Registry("method", "evalkit.methods")

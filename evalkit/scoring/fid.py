@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 from evalkit.errors import ConfigError
 from evalkit.models.torch_hub import torch_hub_checkpoint, weights_only_loads
+from evalkit.paths import project_path
 from evalkit.prompts import file_sha256
-from evalkit.scoring.base import ScoredImage, ScoredSet, Scorer, register_scorer
-from evalkit.stages import project_path
+from evalkit.scoring.base import SCORERS, ScoredImage, ScoredSet, Scorer
 from evalkit.store import atomic_write_bytes
 
 log = logging.getLogger("evalkit")
@@ -123,11 +123,9 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower()[1:] in IMAGE_EXTENSIONS)
 
 
-def _check_parameters(reference_dir: str, dims: int, batch_size: int) -> list[Path]:
+def _check_parameters(reference_dir: str, dims: int) -> list[Path]:
     if dims not in InceptionV3.BLOCK_INDEX_BY_DIM:
         raise ConfigError(f"scorer fid: dims must be one of {sorted(InceptionV3.BLOCK_INDEX_BY_DIM)}, got {dims}")
-    if batch_size < 1:
-        raise ConfigError(f"scorer fid: batch_size must be at least 1, got {batch_size}")
     folder = project_path(reference_dir)
     if not folder.is_dir():
         raise ConfigError(
@@ -149,8 +147,9 @@ def _warn_if_small(what: str, n_images: int, dims: int) -> None:
         )
 
 
-@register_scorer("fid")
+@SCORERS.register
 class FidScorer(Scorer):
+    name = "fid"
     metrics = {"fid": False}
     set_level = True
 
@@ -165,11 +164,10 @@ class FidScorer(Scorer):
         cache_dir: str = "outputs/fid_statistics",
         random_weights: bool = False,
     ):
-        super().__init__(device)
-        if tiny and random_weights:
-            raise ConfigError("scorer fid: tiny and random_weights exclude each other (tiny models are random already)")
-        files = _check_parameters(reference_dir, dims, batch_size)
-        self.dims, self.batch_size = dims, batch_size
+        super().__init__(device, batch_size)
+        self.check_weights(tiny, random_weights)
+        files = _check_parameters(reference_dir, dims)
+        self.dims = dims
         self.model = build_inception(dims, tiny or random_weights).to(device)
         if tiny:
             weights = "random weights, seed 0: a tiny stand-in, scores mean nothing"
@@ -179,7 +177,7 @@ class FidScorer(Scorer):
             weights = "pt_inception-2015-12-05"
         settings = {"weights": weights, "dims": dims, "resize": RESIZE_POLICY, "version": STATISTICS_VERSION}
         self.reference_mu, self.reference_sigma, key = self._reference_statistics(files, settings, cache_dir)
-        self.name = (
+        self.provenance = (
             f"fid pytorch-fid {metadata.version('pytorch-fid')} InceptionV3 ({weights}), {dims} features, "
             f"{RESIZE_POLICY}; real images: {reference_label} ({len(files)} images, {key[:12]})"
         )
@@ -187,11 +185,11 @@ class FidScorer(Scorer):
         self._scored_set: ScoredSet | None = None
 
     @classmethod
-    def check(cls, params: dict, methods: list[str]) -> None:
+    def preflight(cls, params, methods, specs) -> None:
         for required in ("reference_dir", "reference_label"):
             if required not in params:
                 raise ConfigError(f"scorer fid: set {required} (the folder of real images and what they are)")
-        _check_parameters(params["reference_dir"], params.get("dims", 2048), params.get("batch_size", 1))
+        _check_parameters(params["reference_dir"], params.get("dims", 2048))
 
     @torch.no_grad()
     def features(self, images: list[Image.Image]) -> torch.Tensor:
@@ -235,14 +233,9 @@ class FidScorer(Scorer):
     def begin_set(self, scored_set: ScoredSet) -> None:
         self._scored_set = scored_set
 
-    def update(self, items: list[ScoredImage]) -> None:
-        """Keep the features of the items whose generation succeeded; the distance is taken in `compute`."""
-        scored = self.generated_images(items)
-        with tqdm(total=len(scored), desc="fid", unit="image") as progress:
-            for start in range(0, len(scored), self.batch_size):
-                batch = scored[start : start + self.batch_size]
-                self._features.append(self.features([item.image for item in batch]))
-                progress.update(len(batch))
+    def score_batch(self, items: list[ScoredImage]) -> None:
+        """Keep the batch's features; the distance is taken in `compute`."""
+        self._features.append(self.features([item.image for item in items]))
 
     def compute(self) -> list[dict]:
         """One row: the FID of every image passed to `update` since `reset` against the real images (NaN for a set
@@ -251,7 +244,7 @@ class FidScorer(Scorer):
             raise RuntimeError("fid scorer: begin_set must name the set before compute")
         manifest = self._scored_set.manifest
         features = torch.cat(self._features) if self._features else torch.empty(0, self.dims)
-        what = f"the generated set {manifest['model']}/{manifest['variant']}/{manifest['dataset']}"
+        what = f"the generated set {manifest.model}/{manifest.variant}/{manifest.dataset}"
         if len(features) < 2:
             log.warning("fid: %s has %d images; FID needs at least 2", what, len(features))
             value = float("nan")
@@ -259,4 +252,4 @@ class FidScorer(Scorer):
             _warn_if_small(what, len(features), self.dims)
             mu, sigma = gaussian_statistics(features)
             value = frechet_distance(mu, sigma, self.reference_mu.to(mu.device), self.reference_sigma.to(mu.device))
-        return [self._set_row(self._scored_set, "fid", value, len(features))]
+        return [self._set_row(self._scored_set, "fid", value, len(features)).as_dict()]

@@ -1,7 +1,7 @@
 """CLIP score on the shapes world, by a small dual encoder trained contrastively on rendered scenes
 (evalkit/world/dual_encoder.py; weights and model card in weights/shapes-clip/).
 
-The semantics are Attend-and-Excite's (evalkit/scoring/clip_score.py), on the world's captions:
+The semantics are Attend-and-Excite's (evalkit/scoring/clip.py), on the world's captions:
 - `clip_full`: raw cosine between the image and the whole prompt;
 - `clip_min_object`: the minimum over the prompt's objects of the cosine between the image and that object's phrase
   ("a red circle and a blue star" -> "a red circle", "a blue star"). For two objects these are A&E's halves (split on
@@ -14,57 +14,51 @@ only, and "a photo of ..." is outside its vocabulary. Prompts with other words a
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping, Sequence
 
 import torch
-from tqdm import tqdm
 
-from evalkit.errors import ConfigError, PromptError
-from evalkit.prompts import PromptSpec
-from evalkit.scoring.base import ScoredImage, Scorer, register_scorer
+from evalkit.errors import PromptError
+from evalkit.scoring.base import SCORERS, ScoredImage, Scorer
 from evalkit.world.dual_encoder import (
-    WEIGHTS_FOLDER, WEIGHTS_NAME, CaptionTokenizer, ShapesClip, load_dual_encoder, weights_path,
+    WEIGHTS_FOLDER,
+    WEIGHTS_NAME,
+    CaptionTokenizer,
+    ShapesClip,
+    load_dual_encoder,
+    weights_path,
 )
 
 
-@register_scorer("shapes_clip")
+@SCORERS.register
 class ShapesClipScorer(Scorer):
+    name = "shapes_clip"
     metrics = {"clip_full": True, "clip_min_object": True}
 
     def __init__(self, device: torch.device, weights: str = WEIGHTS_FOLDER, batch_size: int = 64):
-        super().__init__(device)
-        if batch_size < 1:
-            raise ConfigError(f"scorer shapes_clip: batch_size must be at least 1, got {batch_size}")
+        super().__init__(device, batch_size)
         folder = weights_path(weights)
         self.clip = ShapesClip(load_dual_encoder(folder), device)
-        self.batch_size = batch_size
         digest = hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()[:12]
         config = self.clip.model.config
-        self.name = (
+        self.provenance = (
             f"shapes_clip {weights} (sha256 {digest}; a {config.image_side}-px CNN and a {config.text_layers}-layer "
             f"text transformer trained contrastively on shapes-world renders), prompt as is (no templates), raw cosine"
         )
 
     @classmethod
-    def check_prompts(cls, config: Mapping[str, Any], specs: Sequence[PromptSpec]) -> None:
+    def preflight(cls, params, methods, specs) -> None:
         """Every prompt must be made of the world's words and fit the text encoder's context."""
-        tokenizer = CaptionTokenizer(load_dual_encoder(weights_path(config.get("weights", WEIGHTS_FOLDER))).config)
+        tokenizer = CaptionTokenizer(load_dual_encoder(weights_path(params.get("weights", WEIGHTS_FOLDER))).config)
         for spec in specs:
             try:
                 tokenizer.rows(spec.prompt)
             except PromptError as error:
                 raise PromptError(f"scorer shapes_clip: prompt {spec.id}: {error}") from None
 
-    def update(self, items: list[ScoredImage]) -> None:
-        """Score the items whose generation succeeded; failed generations have no image and get no rows."""
-        scored = self.generated_images(items)
-        self.clip.embed_texts([item.prompt for item in scored])
-        with tqdm(total=len(scored), desc="shapes clip score", unit="image") as progress:
-            for start in range(0, len(scored), self.batch_size):
-                batch = scored[start : start + self.batch_size]
-                image_embeddings = self.clip.image_embeddings([item.image for item in batch])
-                for item, image_embedding in zip(batch, image_embeddings):
-                    prompt = item.prompt
-                    self._add_row(item, "clip_full", self.clip.full_similarity(image_embedding, prompt))
-                    self._add_row(item, "clip_min_object", self.clip.min_object_similarity(image_embedding, prompt))
-                progress.update(len(batch))
+    def score_batch(self, items: list[ScoredImage]) -> None:
+        self.clip.embed_texts([item.prompt for item in items])  # the prompts not embedded yet, in one call
+        image_embeddings = self.clip.image_embeddings([item.image for item in items])
+        for item, image_embedding in zip(items, image_embeddings):
+            prompt = item.prompt
+            self._add_row(item, "clip_full", self.clip.full_similarity(image_embedding, prompt))
+            self._add_row(item, "clip_min_object", self.clip.min_object_similarity(image_embedding, prompt))

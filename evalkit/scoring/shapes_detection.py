@@ -20,12 +20,11 @@ from __future__ import annotations
 import re
 
 import torch
-from tqdm import tqdm
 
 from evalkit.errors import ConfigError, PromptError
 from evalkit.prompts import PromptSpec
-from evalkit.scoring.base import ScoredImage, Scorer, register_scorer
-from evalkit.scoring.detection import RATE_METRIC, SUBJECT_METRIC_PREFIX
+from evalkit.records import RATE_METRIC, SUBJECT_METRIC_PREFIX
+from evalkit.scoring.base import SCORERS, ScoredImage, Scorer
 from evalkit.world.detector import (
     MAX_AREA_SHARE,
     MIN_AREA_SHARE,
@@ -66,8 +65,9 @@ def named_colours(spec: PromptSpec) -> dict[str, str | None]:
     return colours
 
 
-@register_scorer("shapes_detection")
+@SCORERS.register
 class ShapesDetectionScorer(Scorer):
+    name = "shapes_detection"
     metrics = {RATE_METRIC: True, SUBJECT_METRIC_PREFIX: True, COLOUR_RATE_METRIC: True, COLOUR_SUBJECT_METRIC_PREFIX: True}
 
     def __init__(self, device: torch.device, threshold: float = MIN_SHAPE_SCORE):
@@ -75,7 +75,7 @@ class ShapesDetectionScorer(Scorer):
         if not 0.0 < threshold <= 1.0:
             raise ConfigError(f"scorer shapes_detection: threshold is a shape score in (0, 1], got {threshold}")
         self.threshold = threshold
-        self.name = (
+        self.provenance = (
             f"shapes_detection: analytic detector of the shapes world (evalkit/world/detector.py): pixels matched "
             f"to palette colour rays from the background, 8-connected regions of {MIN_AREA_SHARE:.1%}-"
             f"{MAX_AREA_SHARE:.0%} of the image (split by colour where no shape fits), shape by outline template "
@@ -84,12 +84,12 @@ class ShapesDetectionScorer(Scorer):
         )
 
     @classmethod
-    def check_prompt(cls, spec: PromptSpec) -> None:
-        named_colours(spec)
+    def preflight(cls, params, methods, specs) -> None:
+        for spec in specs:
+            named_colours(spec)
 
-    def update(self, items: list[ScoredImage]) -> None:
-        """Score the items whose generation succeeded; failed generations have no image and get no rows."""
-        for item in tqdm(self.generated_images(items), desc="shapes detection", unit="image"):
+    def score_batch(self, items: list[ScoredImage]) -> None:
+        for item in items:
             colours = named_colours(PromptSpec(item.prompt_id, item.prompt, item.subjects))
             found = {(d.shape, d.colour) for d in detect(item.image, self.threshold)}
             shapes_found = {shape for shape, _ in found}

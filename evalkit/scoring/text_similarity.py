@@ -11,7 +11,7 @@ A&E, CONFORM and Separate-and-Enhance.
    CLIP's mean and std, as LAVIS's `blip_image_eval` (a torchvision Resize on a PIL image) does: hence
    transformers' PIL image processor.
 2. Embed the caption with CLIP ViT-B/16 as given (no templates) and the prompt with the 80-template ensemble
-   (evalkit.scoring.clip_score, the same model and code as the CLIP score), both unit norm.
+   (evalkit.scoring.clip, the same model and code as the CLIP score), both unit norm.
 3. Score = their raw cosine; A&E reports the mean (and std) over all images.
 
 Differences from A&E: open_clip's ViT-B-16/openai in fp32 (A&E: the OpenAI clip package, fp16 on CUDA), and the
@@ -26,14 +26,17 @@ import json
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-from transformers import AutoTokenizer, BertTokenizer, BlipConfig, BlipForConditionalGeneration
+from transformers import (
+    AutoTokenizer,
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+)
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-from evalkit.errors import ConfigError
 from evalkit.models.loading import load_from_hub
-from evalkit.scoring.base import ScoredImage, Scorer, register_scorer
-from evalkit.scoring.clip_score import ClipScorer
+from evalkit.scoring.base import SCORERS, ScoredImage, Scorer
+from evalkit.scoring.clip import ClipScorer
 from evalkit.scoring.vqa import bert_size_wordpiece_tokenizer
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
@@ -177,8 +180,9 @@ def _load_hub_captioner(hub_id: str, revision: str):
     return model, image_processor, tokenizer
 
 
-@register_scorer("text_similarity")
+@SCORERS.register
 class TextSimilarityScorer(Scorer):
+    name = "text_similarity"
     metrics = {METRIC: True}
 
     def __init__(
@@ -192,14 +196,8 @@ class TextSimilarityScorer(Scorer):
         batch_size: int = 16,
         random_weights: bool = False,
     ):
-        super().__init__(device)
-        if batch_size < 1:
-            raise ConfigError(f"scorer text_similarity: batch_size must be at least 1, got {batch_size}")
-        if tiny and random_weights:
-            raise ConfigError(
-                "scorer text_similarity: tiny and random_weights exclude each other (tiny models are random already)"
-            )
-        self.batch_size = batch_size
+        super().__init__(device, batch_size)
+        self.check_weights(tiny, random_weights)
         if tiny:
             captioner, self.image_processor, self.tokenizer = _build_tiny_captioner()
             checkpoint = f"{TINY_MODEL_CONFIG.stem} (random weights, seed 0: a tiny stand-in, scores mean nothing)"
@@ -218,7 +216,7 @@ class TextSimilarityScorer(Scorer):
             device, model=clip_model, pretrained=clip_pretrained, tiny=tiny, random_weights=random_weights
         )
         size = self.image_processor.size
-        self.name = (
+        self.provenance = (
             f"text_similarity: BLIP caption by {checkpoint}, {size['height']}x{size['width']} bicubic, "
             f"prompt {CAPTION_PROMPT!r}, LAVIS beam search ({NUM_BEAMS} beams, {MIN_LENGTH}-{MAX_LENGTH} tokens); CLIP {clip_checkpoint} cosine of the "
             f"plain caption to the 80-template prompt"
@@ -232,13 +230,7 @@ class TextSimilarityScorer(Scorer):
         best = lavis_beam_search(self.captioner, pixel_values, prompt_ids, text.sep_token_id, text.pad_token_id)
         return [self.tokenizer.decode(tokens, skip_special_tokens=True)[len(CAPTION_PROMPT) :] for tokens in best]
 
-    def update(self, items: list[ScoredImage]) -> None:
-        """Score the items whose generation succeeded; failed generations have no image and get no rows."""
-        scored = self.generated_images(items)
-        with tqdm(total=len(scored), desc="text similarity", unit="image") as progress:
-            for start in range(0, len(scored), self.batch_size):
-                batch = scored[start : start + self.batch_size]
-                caption_embeddings = self.clip.plain_text_embeddings(self.captions([item.image for item in batch]))
-                for item, caption_embedding in zip(batch, caption_embeddings):
-                    self._add_row(item, METRIC, float(caption_embedding @ self.clip.text_embedding(item.prompt)))
-                progress.update(len(batch))
+    def score_batch(self, items: list[ScoredImage]) -> None:
+        caption_embeddings = self.clip.plain_text_embeddings(self.captions([item.image for item in items]))
+        for item, caption_embedding in zip(items, caption_embeddings):
+            self._add_row(item, METRIC, float(caption_embedding @ self.clip.text_embedding(item.prompt)))

@@ -25,24 +25,31 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from transformers import (
-    AutoModel, AutoTokenizer, BertConfig, BertModel, MPNetConfig, MPNetModel, PreTrainedModel,
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    MPNetConfig,
+    MPNetModel,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from evalkit.errors import ConfigError, DatasetError, PromptError
 from evalkit.models.loading import load_from_hub
 from evalkit.models.wordpiece import tiny_wordpiece_tokenizer
-from evalkit.prompts import PromptSpec, file_sha256
-from evalkit.scoring.base import ScoredImage, Scorer, register_scorer
-from evalkit.scoring.vqa import bert_size_wordpiece_tokenizer, build_vqa_backend
-from evalkit.stages import project_path
+from evalkit.paths import project_path
+from evalkit.prompts import file_sha256
+from evalkit.scoring.base import SCORERS, ScoredImage, Scorer
+from evalkit.scoring.vqa import VQA_BACKENDS, bert_size_wordpiece_tokenizer
 
 # TIFA's element types: tifascore's question generation keeps only these categories, with animal and human merged
 # into "animal/human" (question_gen.py).
@@ -221,8 +228,9 @@ def _questions_path(questions: str | None) -> Path:
     return project_path(questions)
 
 
-@register_scorer("tifa")
+@SCORERS.register
 class TifaScorer(Scorer):
+    name = "tifa"
     metrics = {"tifa": True, **{type_metric(element_type): True for element_type in ELEMENT_TYPES}}
 
     def __init__(
@@ -235,38 +243,34 @@ class TifaScorer(Scorer):
         batch_size: int = 32,
         random_weights: bool = False,
     ):
-        super().__init__(device)
-        if tiny and random_weights:
-            raise ConfigError("scorer tifa: tiny and random_weights exclude each other (tiny models are random already)")
+        super().__init__(device, batch_size)
+        self.check_weights(tiny, random_weights)
         self.questions_path = _questions_path(questions)
         self.questions = load_questions(self.questions_path)
-        self.vqa = build_vqa_backend(vqa, device, batch_size, tiny, random_weights)
+        self.vqa = VQA_BACKENDS.build(vqa, device=device, batch_size=batch_size, tiny=tiny, random_weights=random_weights)
         self.to_choice, mapper_name = _answer_mapper(answer_mapper, device, tiny, random_weights)
-        self.name = (
-            f"tifa {self.vqa.name}; free-form answers to choices by {mapper_name} cosine; questions "
+        self.provenance = (
+            f"tifa {self.vqa.provenance}; free-form answers to choices by {mapper_name} cosine; questions "
             f"{self.questions_path.name} (sha256 {file_sha256(self.questions_path)[:12]})"
         )
         if tiny:
-            self.name += " (tiny stand-ins: scores mean nothing)"
+            self.provenance += " (tiny stand-ins: scores mean nothing)"
         if random_weights:
-            self.name += " (random weights, for timing only: scores mean nothing)"
+            self.provenance += " (random weights, for timing only: scores mean nothing)"
 
     @classmethod
-    def check_prompts(cls, config: Mapping[str, Any], specs: Sequence[PromptSpec]) -> None:
-        path = _questions_path(config.get("questions"))
+    def preflight(cls, params, methods, specs) -> None:
+        path = _questions_path(params.get("questions"))
         questions = load_questions(path)
         for spec in specs:
             questions_for(questions, path, spec.id, spec.prompt)
 
-    def update(self, items: list[ScoredImage]) -> None:
-        """Score the items whose generation succeeded; failed generations have no image and get no rows."""
-        scored = self.generated_images(items)
-        item_entries = []
-        for item in scored:
-            item_entries.append(questions_for(self.questions, self.questions_path, item.prompt_id, item.prompt))
-        images = [item.image for item, entries in zip(scored, item_entries) for _ in entries]
+    def score_batch(self, items: list[ScoredImage]) -> None:
+        """The questions of the batch's images go to the VQA model together (it batches them by `batch_size`)."""
+        item_entries = [questions_for(self.questions, self.questions_path, item.prompt_id, item.prompt) for item in items]
+        images = [item.image for item, entries in zip(items, item_entries) for _ in entries]
         answers = iter(self.vqa.answer(images, [entry["question"] for entries in item_entries for entry in entries]))
-        for item, entries in zip(scored, item_entries):
+        for item, entries in zip(items, item_entries):
             result = score_answers(entries, [next(answers) for _ in entries], self.to_choice)
             self._add_row(item, "tifa", result.caption_scores[item.prompt_id])
             for element_type, accuracy in result.accuracy_by_type.items():

@@ -3,63 +3,52 @@
 A backend is registered under a name and chosen by the TIFA scorer's `vqa.backend`. TIFA's own default, mPLUG-large,
 runs only through ModelScope (plus fairseq), which evalkit does not depend on; `blip` is tifascore's "blip-large"
 option (vqa_models.py, class BLIP) through transformers. Another model (mPLUG, GIT, ...) is one more
-`@register_vqa_backend` class with the same `from_config` and `answer`.
+`@VQA_BACKENDS.register` class with the same `from_params` and `answer`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from typing import Any, Callable, Mapping
+from typing import ClassVar
 
 import torch
 from PIL import Image
-from tqdm import tqdm
-from transformers import AutoTokenizer, BertTokenizer, BlipConfig, BlipForQuestionAnswering, BlipProcessor
+from transformers import (
+    AutoTokenizer,
+    BertTokenizer,
+    BlipConfig,
+    BlipForQuestionAnswering,
+    BlipProcessor,
+)
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from evalkit.errors import ConfigError
 from evalkit.models.loading import load_from_hub
 from evalkit.models.wordpiece import SPECIAL_TOKENS, tiny_wordpiece_tokenizer
+from evalkit.registry import Registry
 
 
 class VQABackend(ABC):
-    """Answers questions about images; `name` says which model, checkpoint and decoding."""
+    """Answers questions about images; `name`: its registry key (a TIFA config's `vqa.backend`); `provenance`: which
+    model, checkpoint and decoding."""
 
-    name: str
+    name: ClassVar[str]
+    provenance: str
 
     @classmethod
     @abstractmethod
-    def from_config(
-        cls, config: Mapping[str, Any], device: torch.device, batch_size: int, tiny: bool, random_weights: bool = False
-    ) -> "VQABackend":
-        """The backend `config` describes (its keys other than `backend`), its tiny seeded stand-in, or (with
-        `random_weights`) its full-size architecture with seeded random weights, for timing."""
+    def from_params(cls, device: torch.device, batch_size: int, tiny: bool, random_weights: bool = False,
+                    **params) -> VQABackend:
+        """The backend its config's parameters describe, its tiny seeded stand-in, or (with `random_weights`) its
+        full-size architecture with seeded random weights, for timing."""
 
     @abstractmethod
     def answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
         """The free-form answer to each (images[i], questions[i])."""
 
 
-VQA_BACKENDS: dict[str, type[VQABackend]] = {}
-
-
-def register_vqa_backend(name: str) -> Callable[[type[VQABackend]], type[VQABackend]]:
-    def register(backend_class: type[VQABackend]) -> type[VQABackend]:
-        VQA_BACKENDS[name] = backend_class
-        return backend_class
-
-    return register
-
-
-def build_vqa_backend(
-    config: Mapping[str, Any], device: torch.device, batch_size: int, tiny: bool, random_weights: bool = False
-) -> VQABackend:
-    name = config.get("backend")
-    if name not in VQA_BACKENDS:
-        raise ConfigError(f"scorer tifa: unknown vqa backend {name!r}; choose from {sorted(VQA_BACKENDS)}")
-    backend_config = {k: v for k, v in config.items() if k != "backend"}
-    return VQA_BACKENDS[name].from_config(backend_config, device, batch_size, tiny, random_weights)
+VQA_BACKENDS: Registry[VQABackend] = Registry("vqa backend", __name__, key_field="backend")
 
 
 BERT_VOCABULARY_SIZE = 30522  # bert-base-uncased's, which BLIP's and MPNet's tokenizers extend
@@ -118,7 +107,7 @@ def _full_size_random_blip() -> tuple[BlipForQuestionAnswering, BlipProcessor]:
     return _random_blip(tokenizer, {}, {})
 
 
-@register_vqa_backend("blip")
+@VQA_BACKENDS.register
 class BlipVQA(VQABackend):
     """BLIP VQA as tifascore runs it: processor(image, question), greedy `generate(max_length=50)`, special
     tokens dropped from the decoded answer; fp32, PIL image preprocessing (transformers 4's processor).
@@ -128,45 +117,42 @@ class BlipVQA(VQABackend):
     of the same token length.
     """
 
-    def __init__(self, model: BlipForQuestionAnswering, processor: BlipProcessor, name: str, device: torch.device,
-                 max_length: int, batch_size: int):
-        if batch_size < 1:
-            raise ConfigError(f"scorer tifa: batch_size must be at least 1, got {batch_size}")
+    name = "blip"
+
+    def __init__(self, model: BlipForQuestionAnswering, processor: BlipProcessor, provenance: str,
+                 device: torch.device, max_length: int, batch_size: int):
         self.model = model.to(device).eval()
         self.processor = processor
-        self.name = name
+        self.provenance = provenance
         self.device = device
         self.max_length = max_length
         self.batch_size = batch_size
 
     @classmethod
-    def from_config(
-        cls, config: Mapping[str, Any], device: torch.device, batch_size: int, tiny: bool, random_weights: bool = False
-    ) -> "BlipVQA":
-        unknown = sorted(set(config) - {"hub_id", "revision", "max_length"})
-        if unknown:
-            raise ConfigError(f"scorer tifa: unknown blip vqa parameters {unknown}; it takes hub_id, revision, max_length")
-        max_length = int(config.get("max_length", 50))
+    def from_params(cls, device: torch.device, batch_size: int, tiny: bool, random_weights: bool = False,
+                    hub_id: str | None = None, revision: str | None = None, max_length: int = 50) -> BlipVQA:
+        max_length = int(max_length)
         if tiny:
             model, processor = _tiny_blip()
-            name = f"tiny BLIP VQA (random weights, seed 0: a stand-in, answers mean nothing), greedy, max_length {max_length}"
-            return cls(model, processor, name, device, max_length, batch_size)
-        hub_id, revision = config["hub_id"], config["revision"]
+            provenance = f"tiny BLIP VQA (random weights, seed 0: a stand-in, answers mean nothing), greedy, max_length {max_length}"
+            return cls(model, processor, provenance, device, max_length, batch_size)
+        if hub_id is None or revision is None:
+            raise ConfigError("scorer tifa: the blip vqa backend needs hub_id and revision")
         if random_weights:
             model, processor = _full_size_random_blip()
-            name = (
+            provenance = (
                 f"BLIP VQA {hub_id}'s architecture (random weights, seed 0, for timing only: answers mean nothing), "
                 f"greedy, max_length {max_length}"
             )
-            return cls(model, processor, name, device, max_length, batch_size)
+            return cls(model, processor, provenance, device, max_length, batch_size)
         what = "scorer tifa (vqa)"
         model = load_from_hub(what, hub_id, revision, lambda: BlipForQuestionAnswering.from_pretrained(hub_id, revision=revision, use_safetensors=True))
         processor = load_from_hub(what, hub_id, revision, lambda: BlipProcessor(
             image_processor=BlipImageProcessorPil.from_pretrained(hub_id, revision=revision),
             tokenizer=AutoTokenizer.from_pretrained(hub_id, revision=revision),
         ))
-        name = f"BLIP VQA {hub_id}@{revision[:7]} (transformers, fp32), greedy, max_length {max_length}"
-        return cls(model, processor, name, device, max_length, batch_size)
+        provenance = f"BLIP VQA {hub_id}@{revision[:7]} (transformers, fp32), greedy, max_length {max_length}"
+        return cls(model, processor, provenance, device, max_length, batch_size)
 
     @torch.no_grad()
     def answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
@@ -174,16 +160,14 @@ class BlipVQA(VQABackend):
         for index, question in enumerate(questions):
             by_length[len(self.processor.tokenizer(question).input_ids)].append(index)
         answers: list[str | None] = [None] * len(questions)
-        with tqdm(total=len(questions), desc="tifa vqa", unit="question") as progress:
-            for indices in by_length.values():
-                for start in range(0, len(indices), self.batch_size):
-                    chunk = indices[start : start + self.batch_size]
-                    inputs = self.processor(
-                        images=[images[i].convert("RGB") for i in chunk], text=[questions[i] for i in chunk],
-                        return_tensors="pt",
-                    ).to(self.device)
-                    generated = self.model.generate(**inputs, max_length=self.max_length)
-                    for i, text in zip(chunk, self.processor.batch_decode(generated, skip_special_tokens=True)):
-                        answers[i] = text
-                    progress.update(len(chunk))
+        for indices in by_length.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                inputs = self.processor(
+                    images=[images[i].convert("RGB") for i in chunk], text=[questions[i] for i in chunk],
+                    return_tensors="pt",
+                ).to(self.device)
+                generated = self.model.generate(**inputs, max_length=self.max_length)
+                for i, text in zip(chunk, self.processor.batch_decode(generated, skip_special_tokens=True)):
+                    answers[i] = text
         return answers

@@ -30,7 +30,16 @@ import numpy as np
 from PIL import Image, ImageFilter
 from scipy import ndimage
 
-from evalkit.world.scenes import BACKGROUND, COLOURS, FORMS, SHAPES, Item, Scene, render, sample_scene
+from evalkit.world.scenes import (
+    BACKGROUND,
+    COLOURS,
+    FORMS,
+    SHAPES,
+    Item,
+    Scene,
+    render,
+    sample_scene,
+)
 
 MAX_CAST = 50.0  # RGB units; a larger offset of the border from the background colour is an object, not a cast
 FRAME = 2  # pixels of the border whose median is the image's background

@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from evalkit.errors import MissingWeightsError, PromptError
-from evalkit.manifest import PROJECT_ROOT
 from evalkit.models.tokenizer import clip_tokenizer
+from evalkit.paths import PROJECT_ROOT
 from evalkit.world.scenes import COLOURS, SHAPES
 
 WEIGHTS_FOLDER = "weights/shapes-clip"  # relative to the project root

@@ -21,8 +21,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evalkit.manifest import PROJECT_ROOT
-from evalkit.world.scenes import COLOURED_FORMS, COLOURS, SHAPES, Scene, render, sample_scene
+from evalkit.paths import PROJECT_ROOT
+from evalkit.world.scenes import (
+    COLOURED_FORMS,
+    COLOURS,
+    SHAPES,
+    Scene,
+    render,
+    sample_scene,
+)
 from evalkit.world.split import UNSEEN_PAIRS
 
 SEED = 1414

@@ -27,9 +27,10 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ from evalkit.finetune.train import recipe_from_config
 from evalkit.manifest import git_commit, hardware
 from evalkit.models.loading import DTYPES, resolve_device
 from evalkit.models.random_init import build_random_pipeline
-from evalkit.stages import project_path
+from evalkit.paths import project_path
 from evalkit.world.export import RunFacts, export_pipeline, read_failure_rates
 from evalkit.world.scenes import FORMS, Scene, render, sample_scene
 from evalkit.world.split import is_seen
@@ -113,7 +114,7 @@ class WorldRecipe:
     max_megabytes: float = 20.0
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "WorldRecipe":
+    def from_config(cls, config: Mapping[str, Any]) -> WorldRecipe:
         params = dict(config)
         where = f"train_world {params.get('name')}"
         for stage in STAGES:

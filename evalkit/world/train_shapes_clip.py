@@ -30,7 +30,6 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,10 +38,29 @@ from torch.nn import functional as F
 
 from evalkit.manifest import git_commit, hardware
 from evalkit.world.dual_encoder import (
-    CONFIG_NAME, TRAIN_COMMAND, WEIGHTS_FOLDER, WEIGHTS_NAME, CaptionTokenizer, DualEncoder, DualEncoderConfig,
-    ShapesClip, image_pixels, save_dual_encoder, weights_path, world_token_ids,
+    CONFIG_NAME,
+    TRAIN_COMMAND,
+    WEIGHTS_FOLDER,
+    WEIGHTS_NAME,
+    CaptionTokenizer,
+    DualEncoder,
+    DualEncoderConfig,
+    ShapesClip,
+    image_pixels,
+    save_dual_encoder,
+    weights_path,
+    world_token_ids,
 )
-from evalkit.world.scenes import COLOURED_FORMS, COLOURS, FORMS, SHAPES, Item, Scene, render, sample_scene
+from evalkit.world.scenes import (
+    COLOURED_FORMS,
+    COLOURS,
+    FORMS,
+    SHAPES,
+    Item,
+    Scene,
+    render,
+    sample_scene,
+)
 from evalkit.world.split import is_seen
 
 RENDER_RESOLUTION = 128  # the world diffusion model's image size; the encoder reduces it as the scorer does

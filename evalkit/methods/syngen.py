@@ -39,8 +39,12 @@ from torch import distributions
 
 from evalkit.errors import ConfigError, PromptError
 from evalkit.parsing import parse_groups
-from evalkit.sampling.attention import AttentionHooks, CrossAttentionRecorder, layers_at_resolution
-from evalkit.sampling.method import Method, register_method
+from evalkit.sampling.attention import (
+    AttentionHooks,
+    CrossAttentionRecorder,
+    layers_at_resolution,
+)
+from evalkit.sampling.method import METHODS, Method
 
 log = logging.getLogger("evalkit")
 
@@ -97,7 +101,7 @@ def syngen_loss(maps: torch.Tensor, groups: list[list[Word]], prompt_positions: 
     return loss
 
 
-@register_method
+@METHODS.register
 @dataclass
 class SynGen(Method):
     """SynGen with the official defaults (`run.py`, `SynGenDiffusionPipeline.__call__`).
@@ -131,7 +135,8 @@ class SynGen(Method):
         groups = indexer.group_indices(replace(spec, groups=tuple(tuple(g) for g in self.word_groups(spec))))
         return [g for g in groups if len(g) > 1 or self.include_entities]
 
-    def check(self, spec, indexer) -> None:
+    def preflight(self, spec, indexer) -> None:
+        super().preflight(spec, indexer)
         self.token_groups(spec, indexer)
 
     def setup(self, run):

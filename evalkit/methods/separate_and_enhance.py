@@ -21,8 +21,8 @@ import torch
 
 from evalkit.errors import ConfigError
 from evalkit.finetune.checkpoint import Checkpoint, load_checkpoint
-from evalkit.sampling.method import Method, register_method
-from evalkit.stages import project_path
+from evalkit.paths import project_path
+from evalkit.sampling.method import METHODS, Method
 
 # The layout `python -m evalkit finetune` writes by default: outputs/finetune/<model>/<recipe>/checkpoint.safetensors
 _DEFAULT_LAYOUT = re.compile(r"(?:^|/)outputs/finetune/([^/]+)/([^/]+)/checkpoint\.safetensors$")
@@ -36,12 +36,12 @@ def _finetune_command(checkpoint: str) -> str:
     return f"python -m evalkit finetune model=<model> finetune=<recipe> finetune.output_dir={folder}"
 
 
-@register_method
+@METHODS.register
 @dataclass
 class SeparateAndEnhance(Method):
     """`checkpoint`: a finished finetune's checkpoint.safetensors (relative paths are from the project root)."""
 
-    name = "sepen"
+    name = "separate_and_enhance"
     report_note = (
         "Finetuned as the paper describes, not as the released code runs: the Separate and Enhance losses reach "
         "every sample of the batch (the released attention store drops the first half) and use the concepts' true "
@@ -56,13 +56,13 @@ class SeparateAndEnhance(Method):
         path = project_path(self.checkpoint) if self.checkpoint else None
         if path is None or not path.is_file():
             raise ConfigError(
-                f"method sepen: checkpoint {self.checkpoint or '(none given)'} does not exist; make it with "
+                f"method separate_and_enhance: checkpoint {self.checkpoint or '(none given)'} does not exist; make it with "
                 f"`{_finetune_command(self.checkpoint)}`"
             )
         self.loaded: Checkpoint = load_checkpoint(path)
         if not self.loaded.finished:
             raise ConfigError(
-                f"method sepen: {self.checkpoint} is from an unfinished finetune (step {self.loaded.step} of "
+                f"method separate_and_enhance: {self.checkpoint} is from an unfinished finetune (step {self.loaded.step} of "
                 f"{self.loaded.steps}); re-run `{_finetune_command(self.checkpoint)}` to finish it"
             )
 
@@ -72,7 +72,7 @@ class SeparateAndEnhance(Method):
         mismatched = [n for n, w in weights.items() if n not in params or params[n].shape != w.shape]
         if mismatched or not weights:
             raise ConfigError(
-                f"method sepen: {self.checkpoint} does not fit this model's UNet (e.g. {mismatched[:2]}); it was "
+                f"method separate_and_enhance: {self.checkpoint} does not fit this model's UNet (e.g. {mismatched[:2]}); it was "
                 f"finetuned from model {self.loaded.config['model']['name']!r}"
             )
         run.state["original_keys"] = {name: params[name].detach().clone() for name in weights}

@@ -16,10 +16,9 @@ from pathlib import Path
 import open_clip
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-from tqdm import tqdm
 
 from evalkit.errors import ConfigError, MissingWeightsError
-from evalkit.scoring.base import ScoredImage, Scorer, register_scorer
+from evalkit.scoring.base import SCORERS, ScoredImage, Scorer
 
 TINY_MODEL_CONFIG = Path(__file__).parent / "model_configs" / "tiny-clip.json"
 TINY_MODEL_NAME = TINY_MODEL_CONFIG.stem
@@ -104,8 +103,9 @@ def _build_full_size_random(model_name: str, pretrained: str):
     return _build_random(model_name, quick_gelu)
 
 
-@register_scorer("clip")
+@SCORERS.register
 class ClipScorer(Scorer):
+    name = "clip"
     metrics = {"clip_full": True, "clip_min_object": True}
 
     def __init__(
@@ -117,31 +117,27 @@ class ClipScorer(Scorer):
         batch_size: int = 32,
         random_weights: bool = False,
     ):
-        super().__init__(device)
-        if batch_size < 1:
-            raise ConfigError(f"scorer clip: batch_size must be at least 1, got {batch_size}")
-        if tiny and random_weights:
-            raise ConfigError("scorer clip: tiny and random_weights exclude each other (tiny models are random already)")
+        super().__init__(device, batch_size)
+        self.check_weights(tiny, random_weights)
         if tiny:
             clip_model, self.preprocess = _build_tiny()
             self.tokenizer = open_clip.get_tokenizer(TINY_MODEL_NAME)
-            self.name = (
+            self.provenance = (
                 f"clip {TINY_MODEL_NAME} (random weights, seed 0: a tiny stand-in, scores mean nothing), "
                 f"80 ImageNet templates, raw cosine"
             )
         elif random_weights:
             clip_model, self.preprocess = _build_full_size_random(model, pretrained)
             self.tokenizer = open_clip.get_tokenizer(model)
-            self.name = (
+            self.provenance = (
                 f"clip {model} as {pretrained} (random weights, seed 0, for timing only: scores mean nothing), "
                 f"80 ImageNet templates, raw cosine"
             )
         else:
             clip_model, self.preprocess = _load_pretrained(model, pretrained)
             self.tokenizer = open_clip.get_tokenizer(model)
-            self.name = f"clip {model}/{pretrained} (open_clip, fp32), 80 ImageNet templates, raw cosine"
+            self.provenance = f"clip {model}/{pretrained} (open_clip, fp32), 80 ImageNet templates, raw cosine"
         self.model = clip_model.to(device).eval()
-        self.batch_size = batch_size
         self._text_embeddings: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -165,17 +161,11 @@ class ClipScorer(Scorer):
         embeddings = self.model.encode_image(pixels).float()
         return embeddings / embeddings.norm(dim=-1, keepdim=True)
 
-    def update(self, items: list[ScoredImage]) -> None:
-        """Score the items whose generation succeeded; failed generations have no image and get no rows."""
-        scored = self.generated_images(items)
-        with tqdm(total=len(scored), desc="clip score", unit="image") as progress:
-            for start in range(0, len(scored), self.batch_size):
-                batch = scored[start : start + self.batch_size]
-                image_embeddings = self.image_embeddings([item.image for item in batch])
-                for item, image_embedding in zip(batch, image_embeddings):
-                    self._add_row(item, "clip_full", self._cosine(image_embedding, item.prompt))
-                    self._add_row(item, "clip_min_object", self._min_object(image_embedding, item.prompt))
-                progress.update(len(batch))
+    def score_batch(self, items: list[ScoredImage]) -> None:
+        image_embeddings = self.image_embeddings([item.image for item in items])
+        for item, image_embedding in zip(items, image_embeddings):
+            self._add_row(item, "clip_full", self._cosine(image_embedding, item.prompt))
+            self._add_row(item, "clip_min_object", self._min_object(image_embedding, item.prompt))
 
     def _cosine(self, image_embedding: torch.Tensor, text: str) -> float:
         return float(image_embedding @ self.text_embedding(text))

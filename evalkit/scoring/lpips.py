@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 from torchvision.models import AlexNet_Weights, SqueezeNet1_1_Weights, VGG16_Weights
 from torchvision.transforms.functional import pil_to_tensor
-from tqdm import tqdm
 
 from evalkit.errors import ConfigError, StoreError
 from evalkit.models.torch_hub import torch_hub_checkpoint, weights_only_loads
-from evalkit.scoring.base import ScoredImage, ScoredSet, Scorer, register_scorer
+from evalkit.records import GenerationManifest
+from evalkit.scoring.base import SCORERS, ScoredImage, ScoredSet, Scorer
 from evalkit.store import ImageKey
 
 log = logging.getLogger("evalkit")
@@ -41,45 +41,43 @@ def lpips_input(image: Image.Image) -> torch.Tensor:
     return pil_to_tensor(image.convert("RGB")).float() / 127.5 - 1.0
 
 
-def _baseline_manifest(scored_set: ScoredSet) -> dict:
+def _baseline_manifest(scored_set: ScoredSet) -> GenerationManifest:
     """The vanilla run of the same model and dataset with the same sampling settings as the set's run."""
     manifest = scored_set.manifest
     for candidate in scored_set.manifests:
         if (
-            candidate["method"] == BASELINE_METHOD
-            and candidate["model"] == manifest["model"]
-            and candidate["dataset"] == manifest["dataset"]
-            and candidate["identity"]["sampling"] == manifest["identity"]["sampling"]
-            and candidate["identity"]["model"] == manifest["identity"]["model"]
+            candidate.method == BASELINE_METHOD
+            and candidate.model == manifest.model
+            and candidate.dataset == manifest.dataset
+            and candidate.identity["sampling"] == manifest.identity["sampling"]
+            and candidate.identity["model"] == manifest.identity["model"]
         ):
             return candidate
     raise ConfigError(
-        f"scorer lpips compares {manifest['variant']} on {manifest['model']}/{manifest['dataset']} with "
+        f"scorer lpips compares {manifest.variant} on {manifest.model}/{manifest.dataset} with "
         f"{BASELINE_METHOD}'s images of the same prompts and seeds, but the experiment has no {BASELINE_METHOD} run "
-        f"of that model and dataset with the same sampling settings ({manifest['identity']['sampling']}); "
+        f"of that model and dataset with the same sampling settings ({manifest.identity['sampling']}); "
         f"generate {BASELINE_METHOD} with those settings first"
     )
 
 
-def _check_parameters(net: str, batch_size: int) -> None:
+def _check_net(net: str) -> None:
     if net not in TRUNK_WEIGHTS:
         raise ConfigError(f"scorer lpips: unknown net {net!r}; choose from {sorted(TRUNK_WEIGHTS)}")
-    if batch_size < 1:
-        raise ConfigError(f"scorer lpips: batch_size must be at least 1, got {batch_size}")
 
 
-@register_scorer("lpips")
+@SCORERS.register
 class LpipsScorer(Scorer):
+    name = "lpips"
     metrics = {"lpips_vs_vanilla": False}
 
     def __init__(
         self, device: torch.device, net: str = "alex", tiny: bool = False, batch_size: int = 16,
         random_weights: bool = False,
     ):
-        super().__init__(device)
-        _check_parameters(net, batch_size)
-        if tiny and random_weights:
-            raise ConfigError("scorer lpips: tiny and random_weights exclude each other (tiny models are random already)")
+        super().__init__(device, batch_size)
+        _check_net(net)
+        self.check_weights(tiny, random_weights)
         if tiny or random_weights:  # the tiny stand-in is the full-size trunk already; only its label differs
             torch.manual_seed(0)
             purpose = "seed 0: a tiny stand-in" if tiny else "seed 0, for timing only"
@@ -93,26 +91,26 @@ class LpipsScorer(Scorer):
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision.models._utils")
             model = lpips.LPIPS(net=net, version="0.1", pnet_rand=tiny or random_weights, verbose=False)
         self.model = model.to(device).eval()
-        self.batch_size = batch_size
-        self.name = (
+        self.provenance = (
             f"lpips {metadata.version('lpips')} v0.1, {trunk} + the package's linear layers, RGB in [-1, 1] at "
             f"native size, against {BASELINE_METHOD} of the same model, sampling, prompt and seed"
         )
         self._scored_set: ScoredSet | None = None
         self._baseline_variant: str | None = None
+        self._missing: list[str] = []  # the items of the current `update` without a vanilla image
 
     @classmethod
-    def check(cls, params: dict, methods: list[str]) -> None:
-        _check_parameters(params.get("net", "alex"), params.get("batch_size", 1))
+    def preflight(cls, params, methods, specs) -> None:
+        _check_net(params.get("net", "alex"))
         if BASELINE_METHOD not in methods:
             raise ConfigError(
                 f"scorer lpips compares every method's images with {BASELINE_METHOD}'s of the same prompt and seed; "
-                f"add {BASELINE_METHOD} to methods (got {methods})"
+                f"add {BASELINE_METHOD} to methods (got {list(methods)})"
             )
 
     def begin_set(self, scored_set: ScoredSet) -> None:
         self._scored_set = scored_set
-        self._baseline_variant = _baseline_manifest(scored_set)["variant"]
+        self._baseline_variant = _baseline_manifest(scored_set).variant
 
     def _baseline_image(self, item: ScoredImage) -> Image.Image | str:
         """The vanilla image paired with `item`, or why there is none."""
@@ -134,20 +132,27 @@ class LpipsScorer(Scorer):
         second = torch.stack([lpips_input(image) for image in baselines]).to(self.device)
         return self.model(first, second).flatten()
 
-    def update(self, items: list[ScoredImage]) -> None:
+    def update(self, items) -> None:
         """Score the items whose generation succeeded against their vanilla image; an item without one gets no row
         and a warning that names it (scoring again once it exists fills the row in)."""
         if self._scored_set is None:
             raise RuntimeError("lpips scorer: begin_set must name the set before update")
-        pairs, missing = [], []
+        self._missing = []
+        super().update(items)
+        if self._missing:
+            manifest = self._scored_set.manifest
+            log.warning(
+                "lpips: %d images of %s on %s/%s have no %s image to compare with and get no score:\n  %s",
+                len(self._missing), manifest.variant, manifest.model, manifest.dataset, self._baseline_variant,
+                "\n  ".join(self._missing),
+            )
+
+    def score_batch(self, items: list[ScoredImage]) -> None:
+        pairs = []
         for item in items:
-            if item.record["status"] != "ok":
-                continue
-            if item.image is None:
-                raise ValueError(f"lpips scorer needs images; {item.prompt_id} seed {item.seed} was passed without one")
             baseline = self._baseline_image(item)
             if isinstance(baseline, str):
-                missing.append(f"{item.prompt_id} seed {item.seed} ({baseline})")
+                self._missing.append(f"{item.prompt_id} seed {item.seed} ({baseline})")
                 continue
             if baseline.size != item.image.size:
                 raise ValueError(
@@ -155,16 +160,7 @@ class LpipsScorer(Scorer):
                     f"{self._baseline_variant} image is {baseline.size}; LPIPS compares images of one size"
                 )
             pairs.append((item, baseline))
-        if missing:
-            log.warning(
-                "lpips: %d images of %s on %s/%s have no %s image to compare with and get no score:\n  %s",
-                len(missing), items[0].variant, items[0].model, items[0].dataset, self._baseline_variant,
-                "\n  ".join(missing),
-            )
-        with tqdm(total=len(pairs), desc="lpips", unit="image") as progress:
-            for start in range(0, len(pairs), self.batch_size):
-                batch = pairs[start : start + self.batch_size]
-                values = self.distances([item.image for item, _ in batch], [baseline for _, baseline in batch])
-                for (item, _), value in zip(batch, values):
-                    self._add_row(item, "lpips_vs_vanilla", float(value))
-                progress.update(len(batch))
+        if pairs:
+            values = self.distances([item.image for item, _ in pairs], [baseline for _, baseline in pairs])
+            for (item, _), value in zip(pairs, values):
+                self._add_row(item, "lpips_vs_vanilla", float(value))

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from evalkit.errors import ConfigError, MissingWeightsError
-from evalkit.scoring.base import ScoredImage, build_scorer
-from evalkit.scoring.clip_score import TINY_MODEL_CONFIG, split_prompt, template_texts
+from evalkit.scoring.base import SCORERS, ScoredImage
+from evalkit.scoring.clip import TINY_MODEL_CONFIG, split_prompt, template_texts
 
 CPU = torch.device("cpu")
 PROMPTS = ["a cat and a dog", "a pink crown with a purple bow", "a lonely lighthouse"]
@@ -38,7 +38,7 @@ def values(rows: list[dict], metric: str) -> list[float]:
 
 
 def tiny_scorer_rows(batch_size: int) -> list[dict]:
-    scorer = build_scorer({"name": "clip", "tiny": True, "batch_size": batch_size}, CPU)
+    scorer = SCORERS.build({"name": "clip", "tiny": True, "batch_size": batch_size}, CPU)
     scorer.update(scored_images())
     return scorer.compute()
 
@@ -105,7 +105,7 @@ def test_batch_size_does_not_change_scores(batched_rows):
 
 
 def test_failed_generations_get_no_rows_and_reset_clears():
-    scorer = build_scorer({"name": "clip", "tiny": True}, CPU)
+    scorer = SCORERS.build({"name": "clip", "tiny": True}, CPU)
     failed = ScoredImage("tiny", "vanilla", "default", "demo", "p9", 9, "a cat and a dog", (), None,
                          {"seconds_per_image": 0.0, "peak_memory_bytes": None, "status": "failed"})
     scorer.update([failed])
@@ -135,9 +135,9 @@ def test_templates_are_attend_and_excite_ensemble():
 
 def test_unknown_scorer_and_parameter_are_config_errors():
     with pytest.raises(ConfigError, match="clip"):
-        build_scorer({"name": "nope"}, CPU)
+        SCORERS.build({"name": "nope"}, CPU)
     with pytest.raises(ConfigError, match="templates"):
-        build_scorer({"name": "clip", "tiny": True, "templates": 7}, CPU)
+        SCORERS.build({"name": "clip", "tiny": True, "templates": 7}, CPU)
 
 
 def test_real_checkpoint_offline_is_missing_weights(monkeypatch, tmp_path):
@@ -146,5 +146,5 @@ def test_real_checkpoint_offline_is_missing_weights(monkeypatch, tmp_path):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(MissingWeightsError, match="ViT-B-16/openai") as error:
-        build_scorer({"name": "clip", "model": "ViT-B-16", "pretrained": "openai"}, CPU)
+        SCORERS.build({"name": "clip", "model": "ViT-B-16", "pretrained": "openai"}, CPU)
     assert "\n" not in str(error.value)

@@ -52,9 +52,13 @@ from dataclasses import dataclass, field
 import torch
 
 from evalkit.errors import ConfigError
-from evalkit.sampling.attention import AttentionHooks, attention_layers, layer_downsampling
+from evalkit.sampling.attention import (
+    AttentionHooks,
+    attention_layers,
+    layer_downsampling,
+)
 from evalkit.sampling.cuda_graphs import CapturedCall
-from evalkit.sampling.method import Method, register_method
+from evalkit.sampling.method import METHODS, Method
 
 # The Gaussian basis needs sigma = width // BASIS_WIDTH_PER_SIGMA >= 1 (official: `sigma = width // 16`).
 BASIS_WIDTH_PER_SIGMA = 16
@@ -106,7 +110,7 @@ def regulation_loss(
 
 
 def optimise_edit(
-    method: "AttentionRegulation", scores: torch.Tensor, weights: torch.Tensor, basis: torch.Tensor,
+    method: AttentionRegulation, scores: torch.Tensor, weights: torch.Tensor, basis: torch.Tensor,
     targets: torch.Tensor, images: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 13 for one layer call: `iterations` gradient steps on the basis weights theta from their random start.
@@ -148,7 +152,7 @@ class AttentionRegulationHook:
     step's random weights for every layer at once, before the step's UNet forward (each image's draws in layer
     order, as the per-call draws of the official code), and moves them to the device in one copy."""
 
-    def __init__(self, method: "AttentionRegulation", run, targets: list[int], end_token: int, layers: dict[str, tuple[int, int]]):
+    def __init__(self, method: AttentionRegulation, run, targets: list[int], end_token: int, layers: dict[str, tuple[int, int]]):
         self.method = method
         self.images = run.batch_size
         self.halves = 2 if run.do_guidance else 1  # rows are [unconditional; conditional] with guidance
@@ -238,7 +242,7 @@ def centre_count(width: int) -> int:
     return len(range(2 * sigma, width, 2 * sigma)) ** 2
 
 
-@register_method
+@METHODS.register
 @dataclass
 class AttentionRegulation(Method):
     """Attention Regulation with the official defaults (conf/method/attention_regulation.yaml maps each field to

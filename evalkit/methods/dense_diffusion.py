@@ -28,8 +28,12 @@ import torch.nn.functional as F
 
 from evalkit.errors import DatasetError, PromptError
 from evalkit.prompts import read_mask
-from evalkit.sampling.attention import AttentionHooks, attention_layers, layer_downsampling
-from evalkit.sampling.method import Method, register_method
+from evalkit.sampling.attention import (
+    AttentionHooks,
+    attention_layers,
+    layer_downsampling,
+)
+from evalkit.sampling.method import METHODS, Method
 
 
 def modulation_weights(attend: torch.Tensor, size_weight: torch.Tensor, weight: float, time_weight: torch.Tensor
@@ -113,7 +117,7 @@ class LayoutModulation:
         return probs
 
 
-@register_method
+@METHODS.register
 @dataclass
 class DenseDiffusion(Method):
     """DenseDiffusion with the official defaults (gradio sliders, notebook).
@@ -153,8 +157,8 @@ class DenseDiffusion(Method):
             masks.append(F.interpolate(mask, size, mode="nearest"))
         return torch.cat(masks)
 
-    def check(self, spec, indexer) -> None:
-        super().check(spec, indexer)
+    def preflight(self, spec, indexer) -> None:
+        super().preflight(spec, indexer)
         self._spans(spec, indexer)
         self._masks(spec, (1, 1))  # every mask file is readable and binary
 

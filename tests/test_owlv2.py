@@ -5,14 +5,20 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+from transformers import (
+    Owlv2Config,
+    Owlv2ForObjectDetection,
+    Owlv2ImageProcessor,
+    Owlv2Processor,
+)
 
 from evalkit.errors import ConfigError, MissingWeightsError, PromptError
 from evalkit.models.tokenizer import clip_tokenizer
 from evalkit.prompts import PromptSpec
 from evalkit.reporting.aggregate import paired_difference, summarize
-from evalkit.scoring.base import ScoredImage, build_scorer
-from evalkit.scoring.detection import TINY_MODEL_CONFIG, subject_detections
+from evalkit.scoring.base import SCORERS, ScoredImage
+from evalkit.scoring.owlv2 import TINY_MODEL_CONFIG, subject_detections
+from tests.conftest import compose_config
 
 CPU = torch.device("cpu")
 # The tiny random detector's box scores mostly saturate near 1; at 0.9 the second image loses "frog" and the third
@@ -35,7 +41,7 @@ def scored_images() -> list[ScoredImage]:
 
 @pytest.fixture(scope="module")
 def scorer():
-    return build_scorer({"name": "owlv2", "hub_id": "unused", "revision": "unused", "tiny": True,
+    return SCORERS.build({"name": "owlv2", "hub_id": "unused", "revision": "unused", "tiny": True,
                          "threshold": THRESHOLD, "batch_size": 8}, CPU)
 
 
@@ -125,7 +131,7 @@ def test_subject_detections():
 
 def test_prompt_without_subjects_is_an_error(scorer):
     with pytest.raises(PromptError, match="'p7'.*subjects"):
-        scorer.check_prompt(PromptSpec("p7", "a lonely lighthouse"))
+        scorer.preflight({}, ["vanilla"], [PromptSpec("p7", "a lonely lighthouse")])
     with pytest.raises(PromptError, match="'p0'"):
         scorer.update([item(0, (), Image.new("RGB", (8, 8)))])
 
@@ -137,16 +143,16 @@ def test_failed_generations_get_no_rows(scorer):
 
 
 def test_name_carries_settings(scorer):
-    assert "tiny" in scorer.name and "random" in scorer.name
-    assert f"> {THRESHOLD}" in scorer.name and "'{}'" in scorer.name and "64x64" in scorer.name
+    assert "tiny" in scorer.provenance and "random" in scorer.provenance
+    assert f"> {THRESHOLD}" in scorer.provenance and "'{}'" in scorer.provenance and "64x64" in scorer.provenance
 
 
 def test_bad_settings_are_config_errors():
     base = {"name": "owlv2", "hub_id": "x", "revision": "y", "tiny": True}
     with pytest.raises(ConfigError, match="query_template"):
-        build_scorer({**base, "query_template": "a photo of a cat"}, CPU)
+        SCORERS.build({**base, "query_template": "a photo of a cat"}, CPU)
     with pytest.raises(ConfigError, match="threshold"):
-        build_scorer({**base, "threshold": 1.5}, CPU)
+        SCORERS.build({**base, "threshold": 1.5}, CPU)
 
 
 def test_real_checkpoint_offline_is_missing_weights(monkeypatch, tmp_path):
@@ -154,24 +160,20 @@ def test_real_checkpoint_offline_is_missing_weights(monkeypatch, tmp_path):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(MissingWeightsError, match="google/owlv2-base-patch16-ensemble@abc") as error:
-        build_scorer({"name": "owlv2", "hub_id": "google/owlv2-base-patch16-ensemble", "revision": "abc"}, CPU)
+        SCORERS.build({"name": "owlv2", "hub_id": "google/owlv2-base-patch16-ensemble", "revision": "abc"}, CPU)
     assert "\n" not in str(error.value) and "hf download" in str(error.value)
 
 
 def test_generate_refuses_prompts_without_subjects_before_any_image(tmp_path):
-    from hydra import compose, initialize_config_dir
-
     from evalkit import stages
-    from evalkit.manifest import PROJECT_ROOT
 
     dataset = tmp_path / "prompts.jsonl"
     dataset.write_text('{"id": "cat-dog", "prompt": "a cat and a dog", "subjects": ["cat", "dog"]}\n'
                        '{"id": "lighthouse", "prompt": "a lonely lighthouse"}\n')
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            "model=tiny", "scorer=[owlv2_tiny]", f"dataset.path={dataset}", f"store_root={tmp_path / 'store'}",
-            f"runs_root={tmp_path / 'runs'}", "sampling.num_inference_steps=1",
-        ])
+    cfg = compose_config([
+        "model=tiny", "scorer=[owlv2_tiny]", f"dataset.path={dataset}", f"store_root={tmp_path / 'store'}",
+        f"runs_root={tmp_path / 'runs'}", "sampling.num_inference_steps=1",
+    ])
     with pytest.raises(PromptError, match="'lighthouse'.*subjects"):
         stages.generate(cfg)
     assert not (tmp_path / "store").exists()

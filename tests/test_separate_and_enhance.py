@@ -1,5 +1,5 @@
 """Separate-and-Enhance: the losses on hand-built maps, the finetune on the tiny model (only the key weights change,
-the losses fall, checkpoints round-trip, a killed run resumes to the same weights) and the `sepen` method."""
+the losses fall, checkpoints round-trip, a killed run resumes to the same weights) and the `separate_and_enhance` method."""
 
 import json
 
@@ -13,38 +13,27 @@ from evalkit.errors import ConfigError, PromptError
 from evalkit.finetune.checkpoint import KEY_WEIGHT, load_checkpoint, save_checkpoint
 from evalkit.finetune.losses import enhance_loss, norm_loss, separate_loss
 from evalkit.finetune.train import finetune, separate_and_enhance_losses
-from evalkit.manifest import PROJECT_ROOT
 from evalkit.models.loading import load_pipeline
+from evalkit.paths import PROJECT_ROOT, config_file
 from evalkit.prompts import PromptSpec
-from evalkit.sampling.attention import AttentionHooks, CrossAttentionRecorder, layers_at_resolution
+from evalkit.sampling.attention import (
+    AttentionHooks,
+    CrossAttentionRecorder,
+    layers_at_resolution,
+)
 from evalkit.sampling.loop import SamplingSettings, sample
-from evalkit.sampling.method import build_method
+from evalkit.sampling.method import METHODS
 from evalkit.sampling.smoothing import gaussian_kernel
 from evalkit.stages import variant_of
+from tests.conftest import finetune_config as _config
 
-TINY = OmegaConf.load(PROJECT_ROOT / "conf" / "model" / "tiny.yaml")
-FIXTURE = PROJECT_ROOT / "tests" / "fixtures" / "sepen" / "official_maps.safetensors"
+TINY = config_file("model", "tiny")
+FIXTURE = PROJECT_ROOT / "tests" / "fixtures" / "separate_and_enhance" / "official_maps.safetensors"
 KERNEL = gaussian_kernel(3, 0.5)
-
-
-def _config(output_dir, **recipe):
-    """The tiny model at 64 px (32x32 latents: a training step takes a fraction of a second), batch 2."""
-    base = {"name": "test", "output_dir": str(output_dir), "steps": 4, "batch_size": 2, "learning_rate": 0.1,
-            "scale_lr": False, "concept_pairs": [["cat", "dog"]], "resolution": 64, "checkpoint_every": 2}
-    return OmegaConf.create({"device": "cpu", "model": TINY, "finetune": {**base, **recipe}})
 
 
 def _fresh_pipe():
     return load_pipeline(TINY, torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished 4-step finetune at a large learning rate (its keys differ clearly from the base model's)."""
-    out = tmp_path_factory.mktemp("sepen")
-    log = []
-    path = finetune(_config(out), on_step=lambda step, losses: log.append(losses))
-    return path, log
 
 
 # --- the losses on hand-built maps -------------------------------------------------------------------------------
@@ -212,38 +201,38 @@ def test_bad_recipes_fail_before_training(tmp_path):
     assert not (tmp_path / "checkpoint.safetensors").exists()
 
 
-# --- the sepen method ---------------------------------------------------------------------------------------------
+# --- the separate_and_enhance method ---------------------------------------------------------------------------------------------
 
 def test_sepen_samples_with_the_finetuned_keys_and_restores_the_model(tiny_pipe, trained):
     path, _ = trained
     spec = PromptSpec("cat-dog", "a cat and a dog")
     settings = SamplingSettings(2, 7.5, 64, 64)
     original = {n: p.detach().clone() for n, p in tiny_pipe.unet.named_parameters()}
-    vanilla = sample(tiny_pipe, build_method({"name": "vanilla"}), spec, [0], settings)
-    sepen = sample(tiny_pipe, build_method({"name": "sepen", "checkpoint": str(path)}), spec, [0], settings)
-    assert torch.isfinite(sepen.latents).all()
-    assert (sepen.latents - vanilla.latents).abs().max() > 1e-3
+    vanilla = sample(tiny_pipe, METHODS.build({"name": "vanilla"}), spec, [0], settings)
+    separate_and_enhance = sample(tiny_pipe, METHODS.build({"name": "separate_and_enhance", "checkpoint": str(path)}), spec, [0], settings)
+    assert torch.isfinite(separate_and_enhance.latents).all()
+    assert (separate_and_enhance.latents - vanilla.latents).abs().max() > 1e-3
     assert all(torch.equal(p, original[n]) for n, p in tiny_pipe.unet.named_parameters())  # teardown restored them
 
 
 def test_sepen_errors_name_the_checkpoint_and_the_command(tmp_path, trained):
     with pytest.raises(ConfigError, match="outputs/finetune/tiny/tiny_demo/checkpoint.safetensors does not exist.*python -m evalkit finetune model=tiny finetune=tiny_demo"):
-        build_method({"name": "sepen", "checkpoint": str(tmp_path / "outputs/finetune/tiny/tiny_demo/checkpoint.safetensors")})
+        METHODS.build({"name": "separate_and_enhance", "checkpoint": str(tmp_path / "outputs/finetune/tiny/tiny_demo/checkpoint.safetensors")})
     path, _ = trained
     checkpoint = load_checkpoint(path)
     unfinished = save_checkpoint(tmp_path, checkpoint.weights, checkpoint.config, 2, 4)
     with pytest.raises(ConfigError, match="unfinished finetune \\(step 2 of 4\\)"):
-        build_method({"name": "sepen", "checkpoint": str(unfinished)})
+        METHODS.build({"name": "separate_and_enhance", "checkpoint": str(unfinished)})
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="not a readable safetensors"):
-        build_method({"name": "sepen", "checkpoint": str(tmp_path / "junk.safetensors")})
+        METHODS.build({"name": "separate_and_enhance", "checkpoint": str(tmp_path / "junk.safetensors")})
 
 
 def test_store_variant_changes_with_the_checkpoint(tmp_path, trained):
     path, _ = trained
     checkpoint = load_checkpoint(path)
     copy = save_checkpoint(tmp_path, checkpoint.weights, checkpoint.config, 4, 4)
-    cfg = OmegaConf.create({"method": {"name": "sepen", "checkpoint": str(copy)}, "sampling": {"num_inference_steps": 2},
+    cfg = OmegaConf.create({"method": {"name": "separate_and_enhance", "checkpoint": str(copy)}, "sampling": {"num_inference_steps": 2},
                             "model": {"name": "tiny", "seed": 0}})
     first, identity = variant_of(cfg)
     assert identity["method"]["checkpoint_sha256"]

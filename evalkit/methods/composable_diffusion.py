@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from evalkit.errors import PromptError
-from evalkit.sampling.method import Method, register_method
+from evalkit.sampling.method import METHODS, Method
 
 
-@register_method
+@METHODS.register
 @dataclass
 class ComposableDiffusion(Method):
     """Composable Diffusion's conjunction (AND).
@@ -51,8 +51,8 @@ class ComposableDiffusion(Method):
         pieces = [piece.strip() for piece in spec.prompt.split(self.separator)]
         return [piece for piece in pieces if piece] or [spec.prompt]
 
-    def check(self, spec, indexer) -> None:
-        super().check(spec, indexer)
+    def preflight(self, spec, indexer) -> None:
+        super().preflight(spec, indexer)
         subprompts = self.subprompts(spec)
         if self.weights is not None and len(self.weights) != len(subprompts):
             raise PromptError(

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from evalkit.sampling.attention_guidance import AttentionGuidance, subject_maxima
-from evalkit.sampling.method import register_method
+from evalkit.sampling.method import METHODS
 
 
 def attend_and_excite_loss(maxima: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ def attend_and_excite_loss(maxima: torch.Tensor) -> torch.Tensor:
     return torch.clamp(1.0 - maxima, min=0.0).amax(dim=-1)
 
 
-@register_method
+@METHODS.register
 @dataclass
 class AttendAndExcite(AttentionGuidance):
     """Attend-and-Excite with the paper's defaults (official `config.py`, diffusers' pipeline).

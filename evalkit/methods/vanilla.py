@@ -2,10 +2,10 @@
 
 from dataclasses import dataclass
 
-from evalkit.sampling.method import Method, register_method
+from evalkit.sampling.method import METHODS, Method
 
 
-@register_method
+@METHODS.register
 @dataclass
 class Vanilla(Method):
     name = "vanilla"

@@ -25,13 +25,16 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from evalkit.errors import ConfigError
-from evalkit.sampling.method import Method, register_method
+from evalkit.sampling.loop import SampleResult
+from evalkit.sampling.method import METHODS, Method
+from evalkit.scoring.base import SCORERS, ScoredImage, Scorer
 
 
 def candidate_seed(seed: int, k: int) -> int:
@@ -47,7 +50,7 @@ def best_candidate(scores: list[float], higher_is_better: bool) -> int | None:
     return -max(valid)[1] if valid else None
 
 
-@register_method
+@METHODS.register
 @dataclass
 class BestOfN(Method):
     """`n` plain samples per (prompt, seed), the one `verifier`'s `verifier_metric` rates best kept."""
@@ -66,15 +69,13 @@ class BestOfN(Method):
             raise ValueError(f"n must be an integer of at least 1 (samples per image), got {self.n!r}")
 
     def configure_for_experiment(self, scorers: Mapping[str, Mapping[str, Any]]) -> None:
-        from evalkit.scoring.base import Scorer, scorer_class
-
         if self.verifier not in scorers:
             raise ConfigError(
                 f"method {self.name}: verifier {self.verifier!r} is not among the experiment's scorers "
                 f"({', '.join(sorted(scorers)) or 'none'}); name one of them, or add it with scorer=[...]"
             )
         config = dict(scorers[self.verifier])
-        cls = scorer_class(config["name"])
+        cls = SCORERS[config["name"]]
         if cls.set_level or not cls.needs_images or cls.begin_set is not Scorer.begin_set:
             raise ConfigError(
                 f"method {self.name}: verifier {self.verifier!r} ({config['name']}) cannot rate one image alone; "
@@ -92,15 +93,12 @@ class BestOfN(Method):
         return self.n
 
     def sample_images(self, sample_call, spec, seeds):
-        from evalkit.sampling.loop import SampleResult
-        from evalkit.scoring.base import build_scorer
-
         if self.verifier_config is None:
             raise RuntimeError("best_of_n needs configure_for_experiment(scorers) before sampling")
         candidates = [[candidate_seed(seed, k) for seed in seeds] for k in range(self.n)]
         results = [sample_call(batch) for batch in candidates]
         if self._verifier is None:  # built and run once outside the timing, as the loop's warm-up
-            self._verifier = build_scorer(self.verifier_config, results[0].latents.device)
+            self._verifier = SCORERS.build(self.verifier_config, results[0].latents.device)
             self._scores(spec, candidates[:1], results[:1])
         start = time.perf_counter()
         scores = self._scores(spec, candidates, results)
@@ -115,7 +113,7 @@ class BestOfN(Method):
         share = len(seeds)
         selection = [
             {
-                "n": self.n, "verifier": self.verifier, "verifier_scorer": self._verifier.name,
+                "n": self.n, "verifier": self.verifier, "verifier_scorer": self._verifier.provenance,
                 "verifier_metric": self.verifier_metric, "higher_is_better": higher_is_better,
                 "candidate_seeds": [candidates[k][j] for k in range(self.n)],
                 "candidate_scores": [None if math.isnan(scores[k][j]) else scores[k][j] for k in range(self.n)],
@@ -137,8 +135,6 @@ class BestOfN(Method):
 
     def _scores(self, spec, candidates: list[list[int]], results) -> list[list[float]]:
         """scores[k][j]: the verifier metric of candidate k of seed j; NaN where it failed or has no score."""
-        from evalkit.scoring.base import ScoredImage
-
         verifier = self._verifier
         verifier.reset()
         # The verifier keys its rows by seed; the other fields of an item name no stored image.

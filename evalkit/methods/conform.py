@@ -32,8 +32,11 @@ from dataclasses import dataclass
 import torch
 from pytorch_metric_learning.losses import NTXentLoss
 
-from evalkit.sampling.attention_guidance import AttentionGuidance, softmax_over_text_tokens
-from evalkit.sampling.method import register_method
+from evalkit.sampling.attention_guidance import (
+    AttentionGuidance,
+    softmax_over_text_tokens,
+)
+from evalkit.sampling.method import METHODS
 from evalkit.sampling.smoothing import smooth
 
 
@@ -85,7 +88,7 @@ def conform_loss(
     return NTXentLoss(temperature=temperature)(torch.stack(embeddings), labels)
 
 
-@register_method
+@METHODS.register
 @dataclass
 class Conform(AttentionGuidance):
     """CONFORM with its notebook's settings (the `__call__` defaults differ in `max_iter_to_alter` = 25 and

@@ -13,8 +13,8 @@ Rows per image: `detection_rate` (1 or 0: every subject found) and, for each of 
 `detection/<subject>` (1 or 0). Their means over images are the detection rate and the per-subject rates; one
 metric per subject keeps one row per (image, metric), so paired differences against the baseline work unchanged.
 
-Images that share their queries are batched together: transformers pads shorter query lists of a batch with " "
-queries that compete for the boxes, which would make an image's result depend on its batch neighbours.
+The images of a batch that share their queries are run together: transformers pads shorter query lists of a batch
+with " " queries that compete for the boxes, which would make an image's result depend on its batch neighbours.
 """
 
 from __future__ import annotations
@@ -23,18 +23,21 @@ import json
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+from transformers import (
+    Owlv2Config,
+    Owlv2ForObjectDetection,
+    Owlv2ImageProcessor,
+    Owlv2Processor,
+)
 
 from evalkit.errors import ConfigError, PromptError
 from evalkit.models.loading import load_from_hub
 from evalkit.models.tokenizer import clip_tokenizer
 from evalkit.prompts import PromptSpec
-from evalkit.scoring.base import ScoredImage, Scorer, register_scorer
+from evalkit.records import RATE_METRIC, SUBJECT_METRIC_PREFIX
+from evalkit.scoring.base import SCORERS, ScoredImage, Scorer
 
 TINY_MODEL_CONFIG = Path(__file__).parent / "model_configs" / "tiny-owlv2.json"
-RATE_METRIC = "detection_rate"
-SUBJECT_METRIC_PREFIX = "detection/"
 # OWL-ViT and OWLv2 checkpoints tokenize queries into 16 positions padded with "!" (token id 0).
 QUERY_LENGTH = 16
 QUERY_PAD_TOKEN = "!"
@@ -80,8 +83,17 @@ def _load_hub(hub_id: str, revision: str) -> tuple[Owlv2ForObjectDetection, Owlv
     return model, processor
 
 
-@register_scorer("owlv2")
+def _require_subjects(spec: PromptSpec) -> None:
+    if not spec.subjects:
+        raise PromptError(
+            f"prompt {spec.id!r}: the owlv2 scorer queries the prompt's subject nouns, and it lists none; "
+            f"add \"subjects\" to its dataset row: {spec.prompt!r}"
+        )
+
+
+@SCORERS.register
 class Owlv2DetectionScorer(Scorer):
+    name = "owlv2"
     metrics = {RATE_METRIC: True, SUBJECT_METRIC_PREFIX: True}
 
     def __init__(
@@ -95,18 +107,14 @@ class Owlv2DetectionScorer(Scorer):
         batch_size: int = 16,
         random_weights: bool = False,
     ):
-        super().__init__(device)
-        if batch_size < 1:
-            raise ConfigError(f"scorer owlv2: batch_size must be at least 1, got {batch_size}")
-        if tiny and random_weights:
-            raise ConfigError("scorer owlv2: tiny and random_weights exclude each other (tiny models are random already)")
+        super().__init__(device, batch_size)
+        self.check_weights(tiny, random_weights)
         if not 0.0 <= threshold < 1.0:
             raise ConfigError(f"scorer owlv2: threshold is a score in [0, 1), got {threshold}")
         if query_template.count("{}") != 1:
             raise ConfigError(f"scorer owlv2: query_template must contain one {{}} for the noun, got {query_template!r}")
         self.threshold = threshold
         self.query_template = query_template
-        self.batch_size = batch_size
         if tiny:
             model, self.processor = _build_tiny()
             checkpoint = f"{TINY_MODEL_CONFIG.stem} (random weights, seed 0: a tiny stand-in, detections mean nothing)"
@@ -118,7 +126,7 @@ class Owlv2DetectionScorer(Scorer):
             checkpoint = f"{hub_id}@{revision[:12]} (transformers, fp32)"
         image_processor = self.processor.image_processor
         size = image_processor.size
-        self.name = (
+        self.provenance = (
             f"owlv2 {checkpoint}, {type(image_processor).__name__}: pad to square + resize "
             f"{size['height']}x{size['width']}, "
             f"queries {query_template!r} per subject, box score > {threshold}, success = every subject detected"
@@ -126,12 +134,9 @@ class Owlv2DetectionScorer(Scorer):
         self.model = model.to(device).eval()
 
     @classmethod
-    def check_prompt(cls, spec: PromptSpec) -> None:
-        if not spec.subjects:
-            raise PromptError(
-                f"prompt {spec.id!r}: the owlv2 scorer queries the prompt's subject nouns, and it lists none; "
-                f"add \"subjects\" to its dataset row: {spec.prompt!r}"
-            )
+    def preflight(cls, params, methods, specs) -> None:
+        for spec in specs:
+            _require_subjects(spec)
 
     def queries(self, subjects: tuple[str, ...]) -> list[str]:
         return [self.query_template.format(subject) for subject in unique_subjects(subjects)]
@@ -144,21 +149,15 @@ class Owlv2DetectionScorer(Scorer):
         detections = self.processor.image_processor.post_process_object_detection(outputs, threshold=self.threshold)
         return [detection["labels"].tolist() for detection in detections]
 
-    def update(self, items: list[ScoredImage]) -> None:
-        """Score the items whose generation succeeded; failed generations have no image and get no rows."""
-        scored = self.generated_images(items)
+    def score_batch(self, items: list[ScoredImage]) -> None:
+        """One model call per set of distinct subjects in the batch (see the module docstring)."""
         by_subjects: dict[tuple[str, ...], list[ScoredImage]] = {}
-        for item in scored:
-            self.check_prompt(PromptSpec(item.prompt_id, item.prompt, item.subjects))
+        for item in items:
+            _require_subjects(PromptSpec(item.prompt_id, item.prompt, item.subjects))
             by_subjects.setdefault(unique_subjects(item.subjects), []).append(item)
-        with tqdm(total=len(scored), desc="owlv2 detection", unit="image") as progress:
-            for subjects, group in by_subjects.items():
-                queries = self.queries(subjects)
-                for start in range(0, len(group), self.batch_size):
-                    batch = group[start : start + self.batch_size]
-                    for item, labels in zip(batch, self.box_labels([item.image for item in batch], queries)):
-                        found = subject_detections(subjects, labels)
-                        self._add_row(item, RATE_METRIC, float(all(found.values())))
-                        for subject, detected in found.items():
-                            self._add_row(item, SUBJECT_METRIC_PREFIX + subject, float(detected))
-                    progress.update(len(batch))
+        for subjects, group in by_subjects.items():
+            for item, labels in zip(group, self.box_labels([item.image for item in group], self.queries(subjects))):
+                found = subject_detections(subjects, labels)
+                self._add_row(item, RATE_METRIC, float(all(found.values())))
+                for subject, detected in found.items():
+                    self._add_row(item, SUBJECT_METRIC_PREFIX + subject, float(detected))
