@@ -196,7 +196,7 @@ def test_bad_recipes_fail_before_training(tmp_path):
         finetune(_config(tmp_path, concept_lists=["animal_train"], concepts_file="datasets/sepen_concepts.json"))
     with pytest.raises(ConfigError, match="no list"):
         finetune(_config(tmp_path, concept_pairs=[], concept_lists=["plants"], concepts_file="datasets/sepen_concepts.json"))
-    with pytest.raises(ConfigError, match="unknown setting"):
+    with pytest.raises(ConfigError, match="unknown parameter"):
         finetune(_config(tmp_path, lr=1.0))
     assert not (tmp_path / "checkpoint.safetensors").exists()
 

@@ -212,7 +212,7 @@ def test_training_scenes_are_seen_drawn_with_the_shares_and_fixed_by_step(tmp_pa
 def test_bad_recipes_fail_before_training(tmp_path):
     with pytest.raises(ConfigError, match="unknown caption form"):
         train_world(_config(tmp_path, forms={"shape_quadruple": 1.0}))
-    with pytest.raises(ConfigError, match="unknown setting"):
+    with pytest.raises(ConfigError, match="unknown parameter"):
         train_world(_config(tmp_path, diffusion={"lr": 1.0}))
     with pytest.raises(ConfigError, match="kind: random"):
         train_world(OmegaConf.merge(_config(tmp_path), {"model": SHAPES}))

@@ -61,6 +61,7 @@ from evalkit.finetune.losses import enhance_loss, norm_loss, separate_loss
 from evalkit.models.loading import load_pipeline, resolve_device
 from evalkit.paths import project_path
 from evalkit.prompts import TokenIndexer
+from evalkit.registry import from_config
 from evalkit.sampling.attention import (
     AttentionHooks,
     CrossAttentionRecorder,
@@ -69,18 +70,6 @@ from evalkit.sampling.attention import (
 from evalkit.sampling.smoothing import gaussian_kernel
 
 log = logging.getLogger("evalkit")
-
-
-def recipe_from_config(cls, config: Mapping[str, Any], where: str):
-    """The dataclass `cls` from a config's settings; ConfigError naming `where` for an unknown or missing one."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(config) - known
-    if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
-    try:
-        return cls(**config)
-    except TypeError as error:
-        raise ConfigError(f"{where}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -116,7 +105,7 @@ class Recipe:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Recipe:
-        recipe = recipe_from_config(cls, config, f"finetune {config.get('name')}")
+        recipe = from_config(cls, config, f"finetune {config.get('name')}")
         return dataclasses.replace(
             recipe,
             conjunctions=tuple(recipe.conjunctions),

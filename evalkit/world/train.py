@@ -51,11 +51,11 @@ from evalkit.finetune.checkpoint import (
     save_train_state,
 )
 from evalkit.finetune.loop import optimizer_step, read_log, run_steps, step_generator
-from evalkit.finetune.train import recipe_from_config
 from evalkit.manifest import git_commit, hardware
 from evalkit.models.loading import DTYPES, resolve_device
 from evalkit.models.random_init import build_random_pipeline
 from evalkit.paths import project_path
+from evalkit.registry import from_config
 from evalkit.world.export import RunFacts, export_pipeline, read_failure_rates
 from evalkit.world.scenes import FORMS, Scene, render, sample_scene
 from evalkit.world.split import is_seen
@@ -119,8 +119,8 @@ class WorldRecipe:
         where = f"train_world {params.get('name')}"
         for stage in STAGES:
             if isinstance(params.get(stage), Mapping):
-                params[stage] = recipe_from_config(StageRecipe, params[stage], f"{where}.{stage}")
-        return recipe_from_config(cls, params, where)
+                params[stage] = from_config(StageRecipe, params[stage], f"{where}.{stage}")
+        return from_config(cls, params, where)
 
     def check(self) -> None:
         """Every problem is reported before anything trains."""
