@@ -22,6 +22,7 @@ from evalkit.bench import run_bench
 from evalkit.errors import ConfigError, EvalkitError
 from evalkit.finetune.train import finetune
 from evalkit.paths import CONF, config_file
+from evalkit.reporting import stage as report_stage
 from evalkit.reporting.paper_table import load_paper_table
 from evalkit.sampling.method import METHODS
 from evalkit.scoring.base import preflight_scorer
@@ -87,17 +88,17 @@ def run_all(cfg: DictConfig) -> None:
     for scorer in cfg.scorers.values():
         preflight_scorer(OmegaConf.to_container(scorer, resolve=True), list(cfg.methods))
     load_paper_table(cfg)  # the published table the report compares with is readable, its protocol well-formed
-    stages.headline_metrics(cfg)  # and the report's first table names metrics the scorers give
+    report_stage.headline_metrics(cfg)  # and the report's first table names metrics the scorers give
     for method in method_configs:
         run_cfg = cfg.copy()
         OmegaConf.update(run_cfg, "method", method, merge=False)
         stages.generate(run_cfg)
     stages.score(cfg)
-    stages.report(cfg)
+    report_stage.report(cfg)
 
 
 STAGES = {
-    "generate": stages.generate, "score": stages.score, "report": stages.report, "run": run_all, "bench": run_bench,
+    "generate": stages.generate, "score": stages.score, "report": report_stage.report, "run": run_all, "bench": run_bench,
     "finetune": finetune, "train-world": train_world,
 }
 # every other command reads conf/config.yaml

@@ -19,6 +19,7 @@ from evalkit import stages
 from evalkit.__main__ import main
 from evalkit.paths import PROJECT_ROOT, config_file
 from evalkit.prompts import load_prompt_set
+from evalkit.reporting import stage as report_stage
 from evalkit.sampling.loop import SamplingSettings, sample
 from evalkit.sampling.method import METHODS
 from evalkit.scoring.clip import ClipScorer
@@ -74,7 +75,7 @@ def test_a_run_killed_anywhere_and_rerun_ends_as_an_uninterrupted_one(tmp_path, 
     cfg = config(tmp_path, "limit=1")  # one batch of two seeds
     stages.generate(cfg)
     stages.score(cfg)
-    stages.report(cfg)
+    report_stage.report(cfg)
     uninterrupted = results(tmp_path)
     assert len([name for name in uninterrupted if name.endswith(".csv")]) == 1
     for folder in ("store", "runs", "report"):
@@ -111,9 +112,9 @@ def test_a_run_killed_anywhere_and_rerun_ends_as_an_uninterrupted_one(tmp_path, 
     with monkeypatch.context() as patch:  # the report killed after its README, before its page
         kill_at(patch, evalkit.reporting.render, "atomic_write_bytes", lambda n, path, data: path.name == "index.html")
         with pytest.raises(KeyboardInterrupt):
-            stages.report(cfg)
+            report_stage.report(cfg)
     assert not (tmp_path / "report" / "index.html").exists()
-    stages.report(cfg)
+    report_stage.report(cfg)
 
     assert results(tmp_path) == uninterrupted
     assert not [path for path in tmp_path.rglob("*.tmp")]
@@ -193,7 +194,7 @@ def test_nan_failures_are_recorded_the_run_goes_on_and_the_report_counts_them(tm
     poison(monkeypatch, METHODS["attend_and_excite"], "update_latents", seed=0, step=1)
     stages.generate(cfg)
     stages.score(cfg)
-    stages.report(cfg)
+    report_stage.report(cfg)
 
     store = ImageStore(tmp_path / "store")
     variant, _ = stages.variant_of(cfg)

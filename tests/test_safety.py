@@ -17,6 +17,7 @@ from evalkit import stages
 from evalkit.errors import UnsafeWeightsError
 from evalkit.manifest import git_commit
 from evalkit.paths import PROJECT_ROOT
+from evalkit.reporting import stage as report_stage
 from evalkit.scoring.lpips import LpipsScorer
 from evalkit.scoring.overhead import OverheadScorer
 from tests.conftest import compose_config
@@ -152,7 +153,7 @@ def test_report_escapes_user_text_and_shows_every_manifest(tmp_path):
     ])
     stages.generate(cfg)
     stages.score(cfg)
-    page = stages.report(cfg).read_text()
+    page = report_stage.report(cfg).read_text()
     for raw in ("<script>", "<img src=x", "<b>notice"):
         assert raw not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;x&quot;" in page  # the grid caption

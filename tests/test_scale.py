@@ -17,6 +17,7 @@ from evalkit.errors import ConfigError
 from evalkit.models import loading
 from evalkit.models.loading import multirun_job_number, pick_device, resolve_device
 from evalkit.paths import PROJECT_ROOT
+from evalkit.reporting import stage as report_stage
 from evalkit.sharding import Shard, generation_batches, image_name
 from tests.conftest import compose_config
 
@@ -131,7 +132,7 @@ def test_scoring_shards_assemble_to_the_unsharded_tables_and_report_says_what_is
     assert len(list((scores / "fid").glob("*.csv"))) == int(fid_in_shard_1)
     owned = sum(Shard(1, 2).owns(image_name("animals-cat-dog", seed)) for seed in range(3))
 
-    stages.report(_config(whole, "experiment_name=default", "seeds=[0,1,2,3]"))
+    report_stage.report(_config(whole, "experiment_name=default", "seeds=[0,1,2,3]"))
     readme = (whole / "report" / "README.md").read_text()
     missing = readme.split("## Missing", 1)[1].split("\n## ", 1)[0]
     assert f"| score overhead | {3 - owned} of 3 | " in missing and "shard parts not written: 0/2" in missing
@@ -140,7 +141,7 @@ def test_scoring_shards_assemble_to_the_unsharded_tables_and_report_says_what_is
     assert "missing: score overhead" in caplog.text and "missing: generate" in caplog.text
 
     stages.score(_config(whole, "experiment_name=default", "shard=0/2"))
-    stages.report(_config(whole, "experiment_name=default"))
+    report_stage.report(_config(whole, "experiment_name=default"))
     assert "## Missing" not in (whole / "report" / "README.md").read_text()
 
     # The same sets scored unsharded, in another experiment with the same manifests: the same rows.
