@@ -211,14 +211,21 @@ def _batch_sizes(selection, what: str) -> set[int] | None:
     return {_positive(batch, f"every {what} entry") for batch in selection}
 
 
+def _vanilla_samples(config: DictConfig) -> int | None:
+    """How many vanilla images a method costs per image it keeps where it samples as vanilla does: finetuned weights
+    (a `checkpoint`, e.g. separate_and_enhance; not loaded here, it need not exist yet) 1, a method that chooses among
+    plain samples (best_of_n) its n, besides its verifier; None for a method that changes the sampling."""
+    if config.get("checkpoint"):
+        return 1
+    return METHODS.build(OmegaConf.to_container(config, resolve=True)).plain_samples_per_image()
+
+
 def _method_configs(selection) -> dict[str, dict]:
     known = config_names("method")
     if selection == "all":
-        # Methods that sample with finetuned weights (a `checkpoint`, e.g. separate_and_enhance) cost what vanilla costs and need a
-        # checkpoint made for the benchmarked model, and a method that chooses among plain samples (best_of_n) costs
-        # n vanilla images plus its verifier (as the projection counts it), so "all" leaves them out.
-        names = [name for name in known if "checkpoint" not in (config := config_file("method", name))
-                 and METHODS.build(OmegaConf.to_container(config)).plain_samples_per_image() is None]
+        # A method that samples as vanilla does is timed as vanilla (the projection counts it so), so "all" leaves
+        # it out: a checkpoint would have to be made for the benchmarked model.
+        names = [name for name in known if _vanilla_samples(config_file("method", name)) is None]
     else:
         names = _names(selection, known, "method")
     names = ["vanilla"] + [name for name in names if name != "vanilla"]  # every overhead is against vanilla
@@ -724,14 +731,12 @@ def target_works(target: DictConfig, built_dataset_sizes: dict[str, int]) -> lis
         scorers = tuple(s.name for s in cfg.scorers.values() if SCORERS[s.name].needs_images)
         for name in cfg.methods:
             config = config_file("method", name)
-            # a finetuned checkpoint is not built here: it samples as vanilla, and need not exist yet
-            samples = None if config.get("checkpoint") else METHODS.build(
-                OmegaConf.to_container(config, resolve=True)).plain_samples_per_image()
-            for_timing = "vanilla" if config.get("checkpoint") or samples else config.name
+            samples = _vanilla_samples(config)
+            for_timing = config.name if samples is None else "vanilla"
             run = (" ".join(overrides), cfg.model.name, cfg.model.get("timed_as"), for_timing, int(cfg.batch_size),
                    int(cfg.sampling.num_inference_steps))
             generated = not target.get("reuses_images", False)
-            if samples:  # n plain samples per kept image, each rated by the verifier
+            if config.get("verifier") is not None:  # best_of_n: n plain samples per kept image, each rated by it
                 works.append(Work(*run, images * samples, generated, (cfg.scorers[config.verifier].name,)))
                 generated = False
             works.append(Work(*run, images, generated, scorers))
